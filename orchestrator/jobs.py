@@ -1,0 +1,111 @@
+"""Domain records. Frozen, keyword-only; ORM rows never leave `orchestrator/db/`."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Mapping
+
+from orchestrator import lifecycle
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Job:
+    id: str  #: ours: 32 hex chars (uuid4)
+    state: lifecycle.JobState
+    service: str
+    watch: str | None  #: the watch that found it, None for queue-table jobs
+    claim_key: str  #: unique: what was claimed (watch + file identity, or queue row)
+    source_path: str  #: where the input was found
+    input_name: str  #: the input's original file name
+    input_path: str  #: where the input is now (source, spool, archive or failed folder)
+    input_sha256: str | None
+    input_size: int | None
+    output_dir: str
+    archive_dir: str
+    failed_dir: str
+    bes_job_id: str | None
+    bes_status: str | None
+    #: Output name -> blob URL without any SAS token, once BES said Finished.
+    result_refs: Mapping[str, str]
+    #: Output name -> local result path, once downloaded.
+    outputs: Mapping[str, str]
+    error: str | None
+    error_code: str | None
+    attempts: int  #: times a daemon took this job in this run (crash-loop guard counts these)
+    runs: int  #: 1 + how many times `jobs retry` ran it again
+    poll_count: int
+    cancel_requested: bool
+    lease_owner: str | None
+    lease_expires_at: dt.datetime | None
+    next_run_at: dt.datetime
+    deadline_at: dt.datetime | None  #: past this the BES job is cancelled and the job fails
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    submitted_at: dt.datetime | None
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:8]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NewJob:
+    """What intake knows when it claims a file."""
+
+    id: str
+    service: str
+    watch: str | None
+    claim_key: str
+    source_path: str
+    input_name: str
+    output_dir: str
+    archive_dir: str
+    failed_dir: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JobEvent:
+    id: int
+    job_id: str
+    at: dt.datetime
+    from_state: lifecycle.JobState | None
+    to_state: lifecycle.JobState
+    worker: str | None
+    message: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QueueItem:
+    id: int
+    path: str
+    service: str
+    created_at: dt.datetime
+    job_id: str | None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Transition:
+    """One guarded state change, applied with its event row in one transaction."""
+
+    job_id: str
+    expected: lifecycle.JobState
+    to: lifecycle.JobState
+    message: str
+    #: Column values to set alongside (names as on `Job`); e.g. bes_job_id, outputs.
+    fields: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    next_run_at: dt.datetime | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Reschedule:
+    """A poll that found the BES job still waiting: no state change, no event row
+    unless `bes_status` changed (then the repository writes an event with the same state)."""
+
+    job_id: str
+    expected: lifecycle.JobState
+    next_run_at: dt.datetime
+    bes_status: str | None
+    poll_count: int
