@@ -1,0 +1,1 @@
+"""The BES client: wire protocol (pure), HTTP client, per-service throttle gate."""

@@ -1,0 +1,168 @@
+"""HTTP client for one BES service (SPEC §2–§3), on the daemon's shared aiohttp session.
+
+Every failure becomes an `errors` exception the retry logic understands: throttling
+(`ThrottledError`, and the service's gate pauses), transient trouble (`TransientError`: 5xx,
+timeouts, dropped connections) or a permanent refusal (`PermanentError` with the service's most
+specific error code). Messages hold the status, code and the service's message, scrubbed of
+secrets; request bodies (they carry the storage connection string) are never echoed.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+from typing import Any
+
+import aiohttp
+
+from orchestrator import config, errors, redact
+from orchestrator.bes import protocol, throttle
+
+API_VERSION = "2.0"
+#: 2xx responses larger than this are refused (a status object is a few KB).
+MAX_BODY_BYTES = 8 * 1024 * 1024
+#: Error responses are read up to this many bytes only.
+MAX_ERROR_BODY_BYTES = 64 * 1024
+#: Error code of BES for `start` on a job that is not in NotStarted.
+CANNOT_START_JOB = "CannotStartJob"
+
+
+class StartConflict(errors.PermanentError):
+    """`start` refused with CannotStartJob: the caller checks status (Running/Finished: started)."""
+
+
+class BesClient:
+    """submit / start / status / cancel / describe against one configured service."""
+
+    def __init__(
+        self,
+        service: config.ServiceConfig,
+        session: aiohttp.ClientSession,
+        *,
+        gate: throttle.ServiceGate | None = None,
+    ) -> None:
+        self.service = service
+        self.session = session
+        self.gate = gate
+        self._jobs_url = service.jobs_url
+        self._service_url = self._jobs_url.rsplit("/", 1)[0]
+        self._timeout = aiohttp.ClientTimeout(total=service.request_timeout_s)
+        self._secrets = [service.api_key.get()]
+        headers = {
+            "Authorization": f"Bearer {service.api_key.get()}",
+            "Accept": "application/json",
+        }
+        if service.apim_key is not None:
+            headers["Ocp-Apim-Subscription-Key"] = service.apim_key.get()
+            self._secrets.append(service.apim_key.get())
+        self._headers = headers
+
+    # ---- operations -------------------------------------------------------------------------
+
+    async def submit(self, body: dict[str, Any]) -> str:
+        """`POST /jobs`: the new job's id. Not idempotent; the caller stores the id first."""
+        data = json.dumps(body).encode()
+        result = await self._request("POST", self._jobs_url, "submit", data=data)
+        return protocol.parse_job_id(result)
+
+    async def start(self, job_id: str) -> None:
+        """`POST /jobs/{id}/start`. CannotStartJob raises StartConflict."""
+        try:
+            await self._request("POST", f"{self._job_url(job_id)}/start", "start", data=b"")
+        except errors.PermanentError as exc:
+            if exc.code == CANNOT_START_JOB:
+                raise StartConflict(str(exc), code=exc.code, status=exc.status) from None
+            raise
+
+    async def status(self, job_id: str) -> protocol.StatusReport:
+        """`GET /jobs/{id}`."""
+        result = await self._request("GET", self._job_url(job_id), "status")
+        return protocol.parse_status(result)
+
+    async def cancel(self, job_id: str) -> None:
+        """`DELETE /jobs/{id}`; a job the service no longer knows (404) is already gone."""
+        try:
+            await self._request("DELETE", self._job_url(job_id), "cancel")
+        except errors.PermanentError as exc:
+            if exc.status != 404:
+                raise
+
+    async def describe(self) -> dict[str, Any]:
+        """`GET /swagger.json`: the service's input, output and global-parameter names."""
+        result = await self._request("GET", f"{self._service_url}/swagger.json", "describe")
+        if not isinstance(result, dict):
+            raise errors.PermanentError("swagger.json is not an object", code="BadResponse")
+        return result
+
+    # ---- plumbing ---------------------------------------------------------------------------
+
+    def _job_url(self, job_id: str) -> str:
+        return f"{self._jobs_url}/{urllib.parse.quote(protocol.check_job_id(job_id), safe='')}"
+
+    def _scrub(self, text: str) -> str:
+        return redact.redact(text, self._secrets)
+
+    async def _request(self, method: str, url: str, op: str, *, data: bytes | None = None
+                       ) -> Any:
+        if self.gate is not None:
+            await self.gate.wait()
+        headers = dict(self._headers)
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            async with self.session.request(
+                method, url, params={"api-version": API_VERSION}, data=data,
+                headers=headers, timeout=self._timeout, allow_redirects=False,
+            ) as resp:
+                if 200 <= resp.status < 300:
+                    body = await resp.content.read(MAX_BODY_BYTES + 1)
+                    if self.gate is not None:
+                        self.gate.on_success()
+                    return self._decode(op, resp.status, body)
+                text = (await resp.content.read(MAX_ERROR_BODY_BYTES)).decode("utf-8", "replace")
+                raise self._error(op, resp.status, resp.headers.get("Retry-After"), text)
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise errors.TransientError(
+                f"BES {op}: no response within {self.service.request_timeout_s:g} s",
+                code="Timeout",
+            ) from exc
+        except aiohttp.ClientError as exc:
+            # Connection refused/reset, dropped response, bad payload: worth another try.
+            raise errors.TransientError(
+                f"BES {op}: connection error: {type(exc).__name__}: {self._scrub(str(exc))}",
+                code="ConnectionError",
+            ) from exc
+
+    def _decode(self, op: str, status: int, body: bytes) -> Any:
+        if len(body) > MAX_BODY_BYTES:
+            raise errors.PermanentError(f"BES {op}: response too large", code="BadResponse",
+                                        status=status)
+        if not body.strip():
+            return None
+        try:
+            return json.loads(body)
+        except ValueError:
+            # A 2xx that is not JSON is a gateway's page, not the service's answer.
+            raise errors.TransientError(
+                f"BES {op}: HTTP {status} response is not JSON", code="BadResponse",
+                status=status,
+            ) from None
+
+    def _error(self, op: str, status: int, retry_after: str | None, text: str
+               ) -> errors.OrchestratorError:
+        code, message = protocol.parse_error(status, text)
+        message = self._scrub(message)
+        retry_after_s = protocol.parse_retry_after(retry_after)
+        summary = f"HTTP {status} {code}: {message}"
+        if status == 429 or (status == 403 and retry_after_s is not None):
+            if self.gate is not None:
+                self.gate.on_throttled(retry_after_s, self.gate.now())
+            return errors.ThrottledError(
+                f"BES {op} throttled: {summary}", retry_after_s=retry_after_s, code=code,
+                status=status,
+            )
+        if protocol.is_transient(status):
+            return errors.TransientError(
+                f"BES {op}: {summary}", retry_after_s=retry_after_s, code=code, status=status
+            )
+        return errors.PermanentError(summary, code=code, status=status)
