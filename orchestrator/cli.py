@@ -1,0 +1,379 @@
+"""`bes-orchestrator`: run | run --once | demo | emulator | submit | jobs | status | migrate | config.
+
+Exit codes: 0 ok, 1 a job failed (`run --once`) or a command failed, 2 usage, 78 bad
+configuration or database version (systemd's RestartPreventExitStatus=78 stops a restart loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator import clock, config, errors, jobs, lifecycle, logs, systemd
+from orchestrator.db import repository
+
+EX_CONFIG = 78
+T = TypeVar("T")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(logs.scrub(message), err=True)
+    sys.exit(code)
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except errors.ConfigError as exc:
+        fail(str(exc), EX_CONFIG)
+    except errors.DatabaseVersionError as exc:
+        fail(f"database error: {exc}", EX_CONFIG)
+    except repository.NotFound as exc:
+        fail(f"not found: {exc}")
+    except repository.InvalidState as exc:
+        fail(str(exc))
+    except (errors.OrchestratorError, OSError) as exc:
+        fail(f"error: {exc}")
+
+
+def load_settings(path: Path) -> config.Settings:
+    try:
+        settings = config.load(path)
+    except errors.ConfigError as exc:
+        fail(str(exc), EX_CONFIG)
+    secrets = [settings.storage.connection_string.get()]
+    secrets += [s.api_key.get() for s in settings.services.values()]
+    secrets += [s.apim_key.get() for s in settings.services.values() if s.apim_key]
+    if settings.database.password:
+        secrets.append(settings.database.password.get())
+    logs.register_secrets(secrets)
+    return settings
+
+
+async def open_repo(settings: config.Settings, *, check: bool = True) -> repository.Repository:
+    pw = settings.database.password.get() if settings.database.password else None
+    try:
+        repo = await repository.Repository.open(settings.database.url, password=pw)
+    except OSError as exc:
+        raise errors.ConfigError("database.url", f"cannot open the database: {exc}") from None
+    if check:
+        try:
+            await repo.check_schema()
+        except BaseException:
+            await repo.close()
+            raise
+    return repo
+
+
+async def with_repo(
+    settings: config.Settings, fn: Callable[[repository.Repository], Awaitable[T]]
+) -> T:
+    repo = await open_repo(settings)
+    try:
+        return await fn(repo)
+    finally:
+        await repo.close()
+
+
+config_option = click.option(
+    "--config", "-c", "config_path", type=click.Path(path_type=Path),
+    default="bes-orchestrator.toml", envvar="BES_ORCHESTRATOR_CONFIG", show_default=True,
+    show_envvar=True, help="The TOML configuration file.",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON, not a table.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-json/--log-text", default=None,
+              help="Log format; default: JSON unless stderr is a terminal.")
+@click.version_option(package_name="bes-orchestrator")
+def main(log_level: str, log_json: bool | None) -> None:
+    """Turn a folder or a queue table into Azure ML Batch Execution Service jobs, reliably."""
+    logs.configure(json=log_json, level=log_level)
+
+
+# ------------------------------------------------------------------------------------------
+# run
+
+
+def _job_line(job: jobs.Job) -> str:
+    where = ""
+    if job.state is lifecycle.JobState.DONE and job.outputs:
+        where = " -> " + ", ".join(job.outputs.values())
+    elif job.state in (lifecycle.JobState.FAILED, lifecycle.JobState.FAILING) and job.error:
+        where = f": {job.error}"
+    return f"{job.short_id}  {job.input_name:<32} {job.state.value:<15}{where}"
+
+
+async def run_daemon(
+    settings: config.Settings, *, once: bool, progress: bool, echo_jobs: bool = False
+) -> int:
+    from orchestrator import worker as worker_mod
+
+    repo = await open_repo(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    bar: Any = None
+    task_id: Any = None
+
+    def on_change(job: jobs.Job) -> None:
+        if echo_jobs and job.state in (
+            lifecycle.JobState.CLAIMED, lifecycle.JobState.STARTED, *lifecycle.TERMINAL_STATES
+        ):
+            console.print(_job_line(job), highlight=False, markup=False)
+        if bar is not None:
+            s = w.stats
+            bar.update(task_id, total=max(s.claimed, 1), completed=s.done + s.failed + s.cancelled,
+                       description=f"done {s.done}  failed {s.failed}")
+
+    w = worker_mod.Worker(settings, repo, once=once, on_change=on_change)
+
+    async def notify_ready() -> None:
+        await w.ready.wait()
+        systemd.notify("READY=1\nSTATUS=watching for inputs")
+
+    aux = [asyncio.create_task(notify_ready()), asyncio.create_task(systemd.watchdog_loop())]
+    progress_cm: Any = contextlib.nullcontext()
+    if progress and console.is_terminal:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        progress_cm = Progress(TextColumn("{task.description}"), BarColumn(),
+                               MofNCompleteColumn(), console=err_console, transient=True)
+    try:
+        with progress_cm as bar_obj:
+            if bar_obj is not None:
+                bar = bar_obj
+                task_id = bar.add_task("starting", total=None)
+            stats = await w.run(stop)
+    finally:
+        systemd.notify("STOPPING=1")
+        for t in aux:
+            t.cancel()
+        counts = await repo.count_by_state()
+        await repo.close()
+    if once:
+        console.print(
+            f"run --once: {stats.done} done, {stats.failed} failed, {stats.cancelled} cancelled"
+            f" (database: {sum(counts.values())} jobs; "
+            + ", ".join(f"{k.value} {v}" for k, v in sorted(counts.items()) if v) + ")",
+            highlight=False,
+        )
+        return 1 if (stats.failed or stats.cancelled) else 0
+    return 0
+
+
+@main.command()
+@config_option
+@click.option("--once", is_flag=True,
+              help="Drain what is there (folders and queue), wait for every job to end, print a "
+                   "summary, and exit non-zero if anything failed.")
+def run(config_path: Path, once: bool) -> None:
+    """Run the daemon: watch folders and the queue table, push every input through BES."""
+    settings = load_settings(config_path)
+    sys.exit(run_async(run_daemon(settings, once=once, progress=once)))
+
+
+# ------------------------------------------------------------------------------------------
+# migrate / config / submit
+
+
+@main.command()
+@config_option
+def migrate(config_path: Path) -> None:
+    """Create or upgrade the database schema (Alembic)."""
+    from orchestrator.db import migrate as migrate_mod
+
+    settings = load_settings(config_path)
+    pw = settings.database.password.get() if settings.database.password else None
+    run_async(migrate_mod.upgrade(settings.database.url, pw))
+    click.echo(f"database at revision {migrate_mod.head_revision()}")
+
+
+@main.group(name="config")
+def config_group() -> None:
+    """Inspect the configuration."""
+
+
+@config_group.command(name="check")
+@config_option
+def config_check(config_path: Path) -> None:
+    """Validate the configuration and print it resolved, with secrets redacted."""
+    settings = load_settings(config_path)
+    click.echo(json.dumps(config.redacted(settings), indent=2, default=str))
+
+
+@main.command()
+@config_option
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--service", "-s", required=True, help="The configured service to run them on.")
+def submit(config_path: Path, files: tuple[Path, ...], service: str) -> None:
+    """Put FILES on the queue table; works whether or not the daemon is running."""
+    settings = load_settings(config_path)
+    if service not in settings.services:
+        fail(f"unknown service {service!r}; configured: {', '.join(settings.services)}", 2)
+    paths = []
+    for f in files:
+        if not f.is_file():
+            fail(f"{f}: not a file", 2)
+        paths.append(str(f.resolve()))
+    ids = run_async(with_repo(settings, lambda r: r.enqueue(paths, service=service,
+                                                            now=clock.now())))
+    for p, i in zip(paths, ids, strict=True):
+        click.echo(f"queued {p} (queue id {i})")
+
+
+# ------------------------------------------------------------------------------------------
+# jobs / status
+
+
+def job_dict(job: jobs.Job) -> dict[str, Any]:
+    return {
+        "job_id": job.id, "state": job.state.value, "service": job.service,
+        "input_name": job.input_name, "input_path": job.input_path,
+        "input_sha256": job.input_sha256, "bes_job_id": job.bes_job_id,
+        "bes_status": job.bes_status, "attempts": job.attempts, "runs": job.runs,
+        "created_at": clock.iso(job.created_at), "submitted_at": clock.iso(job.submitted_at),
+        "started_at": clock.iso(job.started_at), "finished_at": clock.iso(job.finished_at),
+        "outputs": dict(job.outputs), "error": job.error, "error_code": job.error_code,
+        "worker": job.lease_owner,
+    }
+
+
+def state_choice() -> click.Choice[str]:
+    return click.Choice([s.value for s in lifecycle.JobState])
+
+
+@main.group(name="jobs")
+def jobs_group() -> None:
+    """List, show, retry or cancel jobs."""
+
+
+@jobs_group.command(name="list")
+@config_option
+@json_option
+@click.option("--state", type=state_choice(), help="Only jobs in this state.")
+@click.option("--service", help="Only jobs of this service.")
+@click.option("--limit", default=50, show_default=True)
+def jobs_list(config_path: Path, as_json: bool, state: str | None, service: str | None,
+              limit: int) -> None:
+    """The newest jobs."""
+    settings = load_settings(config_path)
+    st = lifecycle.JobState(state) if state else None
+    rows = run_async(with_repo(settings, lambda r: r.list_jobs(state=st, service=service,
+                                                               limit=limit)))
+    if as_json:
+        click.echo(json.dumps([job_dict(j) for j in rows], indent=2))
+        return
+    table = Table("job", "input", "service", "state", "BES status", "created", "error")
+    for j in rows:
+        table.add_row(j.short_id, j.input_name, j.service, j.state.value, j.bes_status or "",
+                      clock.iso(j.created_at) or "", (j.error or "")[:60])
+    console.print(table)
+
+
+@jobs_group.command(name="show")
+@config_option
+@json_option
+@click.argument("job_id")
+def jobs_show(config_path: Path, as_json: bool, job_id: str) -> None:
+    """One job and its events."""
+    settings = load_settings(config_path)
+
+    async def go(r: repository.Repository) -> tuple[jobs.Job, list[jobs.JobEvent]]:
+        job = await r.get_job(job_id)
+        return job, await r.events(job.id)
+
+    job, events = run_async(with_repo(settings, go))
+    evs = [{"at": clock.iso(e.at), "from": e.from_state.value if e.from_state else None,
+            "to": e.to_state.value, "worker": e.worker, "message": e.message} for e in events]
+    if as_json:
+        click.echo(json.dumps({**job_dict(job), "events": evs}, indent=2))
+        return
+    for k, v in job_dict(job).items():
+        console.print(f"[bold]{k:>13}[/bold]  {v if v not in (None, {}) else '-'}",
+                      highlight=False)
+    table = Table("at", "from", "to", "worker", "message")
+    for e in evs:
+        table.add_row(e["at"] or "", e["from"] or "", e["to"], e["worker"] or "", e["message"])
+    console.print(table)
+
+
+@jobs_group.command(name="retry")
+@config_option
+@click.argument("job_id")
+def jobs_retry(config_path: Path, job_id: str) -> None:
+    """Run a failed or cancelled job again (its input comes back from the failed folder)."""
+    settings = load_settings(config_path)
+    job = run_async(with_repo(settings, lambda r: r.retry(job_id, now=clock.now())))
+    click.echo(f"job {job.short_id} queued again (run {job.runs})")
+
+
+@jobs_group.command(name="cancel")
+@config_option
+@click.argument("job_id")
+def jobs_cancel(config_path: Path, job_id: str) -> None:
+    """Cancel a job: its BES job is deleted and its input goes to the failed folder."""
+    settings = load_settings(config_path)
+    job = run_async(with_repo(settings, lambda r: r.request_cancel(job_id, now=clock.now())))
+    click.echo(f"job {job.short_id} is being cancelled")
+
+
+@main.command()
+@config_option
+@json_option
+def status(config_path: Path, as_json: bool) -> None:
+    """Counts by state and the oldest job still in flight."""
+    settings = load_settings(config_path)
+
+    async def go(r: repository.Repository) -> tuple[dict[lifecycle.JobState, int], jobs.Job | None]:
+        return await r.count_by_state(), await r.oldest_active()
+
+    counts, oldest = run_async(with_repo(settings, go))
+    data = {
+        "counts": {s.value: counts.get(s, 0) for s in lifecycle.JobState},
+        "in_flight": sum(counts.get(s, 0) for s in lifecycle.ACTIVE_STATES),
+        "oldest_in_flight": job_dict(oldest) if oldest else None,
+    }
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    table = Table("state", "jobs")
+    for s in lifecycle.JobState:
+        if counts.get(s):
+            table.add_row(s.value, str(counts[s]))
+    console.print(table)
+    if oldest:
+        age = (clock.now() - oldest.created_at).total_seconds()
+        console.print(f"oldest in flight: {oldest.short_id} {oldest.input_name} "
+                      f"({oldest.state.value}, {age:.0f} s old)", highlight=False)
+    else:
+        console.print("nothing in flight")
+
+
+def _attach_optional_commands() -> None:
+    from orchestrator import demo
+    from orchestrator.emulator import cli as emulator_cli
+
+    main.add_command(emulator_cli.emulator_command, name="emulator")
+    main.add_command(demo.demo_command, name="demo")
+
+
+_attach_optional_commands()

@@ -1,0 +1,146 @@
+"""`bes-orchestrator demo`: the main job on the embedded default, no cloud account needed.
+
+Starts Azurite and the BES emulator as child processes, fills a local inbox with the sample
+review CSVs, and runs the daemon on it. Children are stopped on every exit path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from orchestrator import azurite, cli
+
+API_KEY_ENV = "BES_DEMO_API_KEY"
+STORAGE_ENV = "BES_DEMO_STORAGE_CONNECTION_STRING"
+EMULATOR_START_TIMEOUT_S = 20.0
+
+
+@contextlib.contextmanager
+def emulator_process(api_key: str, *extra: str) -> Iterator[str]:
+    """Run `python -m orchestrator.emulator` on a free port; yield its base URL."""
+    cmd = [sys.executable, "-m", "orchestrator.emulator", "--host", "127.0.0.1", "--port", "0",
+           "--api-key-env", API_KEY_ENV, *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            env={**os.environ, API_KEY_ENV: api_key}, text=True)
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + EMULATOR_START_TIMEOUT_S
+        url = ""
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if "listening on" in line:
+                url = line.strip().rsplit(" ", 1)[-1]
+                break
+        if not url:
+            raise RuntimeError("the BES emulator did not start")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def write_config(workdir: Path, base_url: str) -> Path:
+    path = workdir / "demo.toml"
+    path.write_text(f"""\
+# Written by `bes-orchestrator demo`. Secrets come from the environment, never this file.
+[daemon]
+state_dir = "state"
+heartbeat_s = 2
+lease_s = 10
+
+[database]
+url = "sqlite+aiosqlite:///state/state.db"
+
+[storage]
+connection_string_env = "{STORAGE_ENV}"
+container = "bes-demo"
+
+[services.sentiment]
+base_url = "{base_url}"
+workspace = "demo-workspace"
+service = "feature-hashing"
+api_key_env = "{API_KEY_ENV}"
+max_in_flight = 10
+poll = {{ initial_s = 0.5, multiplier = 1.5, max_s = 5 }}
+
+[[watch]]
+folder = "inbox"
+pattern = "*.csv"
+service = "sentiment"
+output_dir = "results"
+archive_dir = "archive"
+failed_dir = "failed"
+settle_s = 0.5
+""", encoding="utf-8")
+    return path
+
+
+def print_history(settings_path: Path) -> None:
+    settings = cli.load_settings(settings_path)
+    rows = cli.run_async(cli.with_repo(settings, lambda r: r.history(limit=50)))
+    table = Table("job", "input", "state", "BES job", "duration s", "outputs / error")
+    for row in rows:
+        outputs = row.get("outputs") or "{}"
+        table.add_row(str(row["job_id"])[:8], str(row["input_name"]), str(row["state"]),
+                      str(row["bes_job_id"] or "")[:8],
+                      f"{row['duration_s']:.1f}" if row.get("duration_s") is not None else "",
+                      str(row.get("error") or outputs))
+    cli.console.print(table)
+
+
+@click.command()
+@click.option("--once", is_flag=True, help="Exit when the inbox is drained; print the history.")
+@click.option("--dir", "workdir", type=click.Path(path_type=Path), default=Path("demo"),
+              show_default=True, help="Where the demo's inbox, results and state live.")
+def demo_command(once: bool, workdir: Path) -> None:
+    """Run the whole pipeline locally: Azurite + the BES emulator + the daemon on sample CSVs.
+
+    Drop more CSVs (with a Col2 text column) into DIR/inbox while it runs; Ctrl-C stops it.
+    """
+    from orchestrator.db import migrate as migrate_mod
+
+    workdir = workdir.resolve()
+    inbox = workdir / "inbox"
+    inbox.mkdir(parents=True, exist_ok=True)
+    samples = importlib.resources.files("orchestrator") / "samples"
+    for sample in samples.iterdir():
+        if sample.name.endswith(".csv"):
+            # write-then-rename, as writers are told to
+            tmp = inbox / f".{sample.name}.tmp"
+            tmp.write_bytes(sample.read_bytes())
+            tmp.rename(inbox / sample.name)
+    api_key = secrets.token_urlsafe(24)
+    click.echo(f"demo folder: {workdir}")
+    with azurite.running() as az, emulator_process(api_key, "--run-time-s", "1,3",
+                                                   "--queue-delay-s", "0,1") as url:
+        os.environ[STORAGE_ENV] = az.connection_string
+        os.environ[API_KEY_ENV] = api_key
+        click.echo(f"Azurite on {az.blob_endpoint}; BES emulator on {url}")
+        cfg = write_config(workdir, url)
+        settings = cli.load_settings(cfg)
+        cli.run_async(migrate_mod.upgrade(settings.database.url, None))
+        click.echo(f"watching {inbox} — results go to {workdir / 'results'}"
+                   + ("" if once else "; drop more CSVs in, Ctrl-C to stop"))
+        code = cli.run_async(cli.run_daemon(settings, once=once, progress=False, echo_jobs=True))
+        if once:
+            print_history(cfg)
+            click.echo(f"results in {workdir / 'results'}; history: "
+                       f"sqlite3 {workdir / 'state' / 'state.db'} 'select * from job_history'")
+    sys.exit(code if once else 0)

@@ -1,0 +1,103 @@
+"""Durable file operations: rename-or-copy moves, atomic writes, checksums. Blocking: callers
+run them in a thread (`asyncio.to_thread`) so the event loop never waits on a disk."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+#: Folders the daemon creates: owner and group only (inputs and results may be sensitive).
+DIR_MODE = 0o750
+#: Files the daemon creates: never world-readable.
+FILE_MODE = 0o640
+_CHUNK = 1024 * 1024
+
+
+def ensure_dir(path: Path, mode: int = DIR_MODE) -> None:
+    path.mkdir(mode=mode, parents=True, exist_ok=True)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def move_durable(src: Path, dst: Path) -> None:
+    """Move `src` to `dst` (never over an existing file), durable once this returns.
+
+    Same filesystem: one rename. Across filesystems: copy to a hidden temp name beside `dst`,
+    fsync, rename into place, then remove `src` — so at every instant at least one complete
+    copy exists under a name the recovery code looks for.
+    """
+    ensure_dir(dst.parent)
+    if dst.exists():
+        raise FileExistsError(errno.EEXIST, "destination exists", str(dst))
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.part")
+        try:
+            with open(src, "rb") as fin, open(
+                os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb"
+            ) as fout:
+                shutil.copyfileobj(fin, fout, _CHUNK)
+                fout.flush()
+                os.fsync(fout.fileno())
+            os.rename(tmp, dst)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        fsync_dir(dst.parent)
+        os.unlink(src)
+        fsync_dir(src.parent)
+        return
+    fsync_dir(dst.parent)
+    if src.parent != dst.parent:
+        fsync_dir(src.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temp name, fsync, rename: a reader sees the old file or the whole new one."""
+    ensure_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    fsync_dir(path.parent)
+
+
+def sha256_file(path: Path) -> tuple[str, int]:
+    """Hex digest and size, streamed."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def free_name(folder: Path, name: str, short_id: str) -> Path:
+    """`folder/name`, or `folder/<stem>.<short_id><suffix>` when another file has that name."""
+    plain = folder / name
+    if not plain.exists():
+        return plain
+    p = Path(name)
+    return folder / f"{p.stem}.{short_id}{p.suffix}"

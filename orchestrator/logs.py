@@ -1,0 +1,91 @@
+"""structlog setup: JSON lines when not on a terminal, every secret redacted on the way out.
+
+Every line has a stable snake_case event name; job context (job_id, service, state) is bound by
+the worker. Redaction happens in one processor, so no call site can forget it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any
+
+import structlog
+
+#: Values that look like secrets wherever they appear in a log value.
+_PATTERNS = [
+    re.compile(r"(?i)(sig=)[^&\s\"']+"),
+    re.compile(r"(?i)(AccountKey=)[^;\s\"']+"),
+    re.compile(r"(?i)(SharedAccessSignature=)[^;\s\"']+"),
+    re.compile(r"(?i)(Bearer\s+)[A-Za-z0-9._~+/=-]+"),
+    re.compile(r"(?i)(Ocp-Apim-Subscription-Key['\"]?\s*[:=]\s*['\"]?)[^\s,'\"}]+"),
+]
+_known_secrets: set[str] = set()
+
+
+def register_secrets(values: Iterable[str]) -> None:
+    """Exact secret values (API keys, storage keys, passwords) to scrub from every log line."""
+    for v in values:
+        if v and len(v) >= 6:
+            _known_secrets.add(v)
+
+
+def scrub(text: str) -> str:
+    for secret in _known_secrets:
+        if secret in text:
+            text = text.replace(secret, "***")
+    for pat in _PATTERNS:
+        text = pat.sub(r"\1***", text)
+    return text
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {k: _redact_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact_value(v) for v in value]
+    if isinstance(value, BaseException):
+        return scrub(f"{type(value).__name__}: {value}")
+    return value
+
+
+def redact_processor(
+    _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    for key in list(event_dict):
+        event_dict[key] = _redact_value(event_dict[key])
+    return event_dict
+
+
+def configure(*, json: bool | None = None, level: str = "info") -> None:
+    """Call once at start-up. `json=None`: JSON unless stderr is a terminal."""
+    if json is None:
+        json = not sys.stderr.isatty()
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        redact_processor,
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[*shared, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+        ),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get(name: str = "bes") -> Any:
+    return structlog.get_logger(name)

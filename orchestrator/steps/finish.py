@@ -1,0 +1,93 @@
+"""The last moves: the input leaves the spool folder for the archive (DONE) or the failed
+folder beside `<name>.error.txt` (FAILED, CANCELLED).
+
+Idempotent by search: if the spool file is gone, an earlier run already moved it, and it is
+found again at one of the two names `_destination` could have chosen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+from orchestrator import clock, errors, fsutil, jobs, lifecycle, steps
+from orchestrator.steps import upload
+from orchestrator.storage import naming
+
+
+def _candidates(folder: Path, job: jobs.Job) -> list[Path]:
+    p = Path(job.input_name)
+    return [folder / f"{p.stem}.{job.short_id}{p.suffix}", folder / job.input_name]
+
+
+def _move_input(job: jobs.Job, folder: Path) -> str | None:
+    """Move the spooled input into `folder`; returns where it is now (None if it vanished)."""
+    src = Path(job.input_path)
+    fsutil.ensure_dir(folder)
+    if src.exists() and (src.parent != folder):
+        dst = fsutil.free_name(folder, naming.safe_child(folder, job.input_name).name, job.short_id)
+        fsutil.move_durable(src, dst)
+        return str(dst)
+    if src.exists():
+        return str(src)
+    for cand in _candidates(folder, job):
+        if cand.exists():
+            return str(cand)
+    return None
+
+
+def error_text(job: jobs.Job, state: lifecycle.JobState) -> str:
+    what = "was cancelled" if state is lifecycle.JobState.CANCELLED else "failed"
+    lines = [
+        f"The job for {job.input_name} {what}: {job.error or 'no reason was recorded'}",
+        f"Error code: {job.error_code or '-'}.",
+        f"Job id: {job.id}; BES job id: {job.bes_job_id or '(never submitted)'};"
+        f" service: {job.service}; at {clock.iso(clock.now())}.",
+        f"To run it again: bes-orchestrator jobs retry {job.short_id}",
+    ]
+    return " ".join(lines) + "\n"
+
+
+def _fail_files(job: jobs.Job, state: lifecycle.JobState) -> str | None:
+    folder = Path(job.failed_dir)
+    where = _move_input(job, folder)
+    name = naming.error_file_name(Path(where).name if where else job.input_name)
+    fsutil.write_text_atomic(naming.safe_child(folder, name), error_text(job, state))
+    return where
+
+
+async def done(job: jobs.Job, ctx: steps.Context) -> steps.StepResult:
+    where = await asyncio.to_thread(_move_input, job, Path(job.archive_dir))
+    if ctx.settings.storage.delete_blobs_after_success:
+        service = ctx.service(job.service)
+        names = [upload.input_blob(job, service.input_name)] + [
+            naming.output_blob_name(job.id, n, ext) for n, ext in service.outputs.items()
+        ]
+        with contextlib.suppress(errors.TransientError):
+            await ctx.blobs.delete_blobs(names)
+    return steps.Advance(
+        to=lifecycle.JobState.DONE,
+        message=f"input archived to {where}",
+        fields={"input_path": where or job.input_path},
+    )
+
+
+async def fail(job: jobs.Job, ctx: steps.Context) -> steps.StepResult:
+    where = await asyncio.to_thread(_fail_files, job, lifecycle.JobState.FAILED)
+    return steps.Advance(
+        to=lifecycle.JobState.FAILED,
+        message=f"input moved to {where or '(input was gone)'}",
+        fields={"input_path": where or job.input_path},
+    )
+
+
+async def cancel(job: jobs.Job, ctx: steps.Context) -> steps.StepResult:
+    if job.bes_job_id is not None:
+        await ctx.client(job.service).cancel(job.bes_job_id)
+    where = await asyncio.to_thread(_fail_files, job, lifecycle.JobState.CANCELLED)
+    return steps.Advance(
+        to=lifecycle.JobState.CANCELLED,
+        message=f"cancelled; input moved to {where or '(input was gone)'}",
+        fields={"input_path": where or job.input_path},
+    )
