@@ -16,8 +16,9 @@ MIN_SECRET_LEN = 6
 
 #: (pattern, replacement): group 1 is the part kept, the value after it is masked.
 _PATTERNS: tuple[re.Pattern[str], ...] = (
-    # SAS signature, plain or URL-encoded (`sig%3D...` inside an encoded URL).
-    re.compile(r"(?i)(\bsig(?:=|%3D))[^&\s\"'<>;,]+"),
+    # SAS signature, plain or URL-encoded (`%26sig%3D...` inside an encoded URL).
+    re.compile(r"(?i)((?<![A-Za-z_])sig=)[^&\s\"'<>;,]+"),
+    re.compile(r"(?i)((?<![A-Za-z_])sig%3D)[^&%\s\"'<>;,]+"),
     re.compile(r"(?i)(\bAccountKey=)[^;\s\"'<>]+"),
     re.compile(r"(?i)(\bSharedAccessSignature=)[^;\s\"'<>]+"),
     re.compile(r"(?i)(\bBearer\s+)[A-Za-z0-9._~+/=-]+"),
