@@ -1,0 +1,258 @@
+"""Blob references as BES requests carry them, and streaming reads/writes through them.
+
+A reference is either ConnectionString + RelativeLocation or BaseLocation + RelativeLocation +
+SasBlobToken. Messages made here never include an AccountKey or a SAS signature.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+from azure.core import exceptions as azure_errors
+from azure.core.pipeline.transport import AioHttpTransport
+from azure.storage import blob as azblob
+from azure.storage.blob import aio as azblob_aio
+
+from orchestrator import logs
+
+#: Azurite's well-known endpoint for `UseDevelopmentStorage=true`.
+DEV_STORAGE_URL = "http://127.0.0.1:10000/devstoreaccount1"
+DEV_STORAGE_ACCOUNT = "devstoreaccount1"
+DEV_STORAGE_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+
+
+class ReferenceError_(ValueError):
+    """A blob reference in a request that cannot be used (-> 400 BadArgument)."""
+
+
+class StorageError(Exception):
+    """A read or write that failed; the message is fit for a job's Details."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BlobRef:
+    account_url: str  #: e.g. http://127.0.0.1:10000/devstoreaccount1 (no trailing slash)
+    container: str
+    blob: str
+    account_name: str | None = None
+    account_key: str | None = None
+    sas_token: str | None = None  #: without the leading '?'
+    #: The request used the SAS form (BaseLocation + SasBlobToken).
+    sas_form: bool = False
+
+    @property
+    def extension(self) -> str:
+        name = self.blob.rsplit("/", 1)[-1]
+        return "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
+
+    @property
+    def where(self) -> str:
+        """A credential-free description for messages."""
+        return f"{self.account_url}/{self.container}/{self.blob}"
+
+    def sibling(self, blob: str) -> BlobRef:
+        return dataclasses.replace(self, blob=blob)
+
+
+def parse_connection_string(text: str) -> dict[str, str]:
+    parts: dict[str, str] = {}
+    for item in text.split(";"):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ReferenceError_("ConnectionString is not of the form Key=Value;Key=Value")
+        parts[key.strip().lower()] = value.strip()
+    return parts
+
+
+def _split_location(relative: str) -> tuple[str, str]:
+    container, _, blob = relative.lstrip("/").partition("/")
+    if not container or not blob:
+        raise ReferenceError_(
+            f"RelativeLocation {relative!r} must be 'container/path/to/blob'"
+        )
+    return container, blob
+
+
+def _from_connection_string(conn: str, container: str, blob: str) -> BlobRef:
+    parts = parse_connection_string(conn)
+    if parts.get("usedevelopmentstorage", "").lower() == "true":
+        return BlobRef(account_url=DEV_STORAGE_URL, container=container, blob=blob,
+                       account_name=DEV_STORAGE_ACCOUNT, account_key=DEV_STORAGE_KEY)
+    name = parts.get("accountname")
+    endpoint = parts.get("blobendpoint")
+    if not endpoint:
+        if not name:
+            raise ReferenceError_("ConnectionString has neither BlobEndpoint nor AccountName")
+        protocol = parts.get("defaultendpointsprotocol", "https")
+        suffix = parts.get("endpointsuffix", "core.windows.net")
+        endpoint = f"{protocol}://{name}.blob.{suffix}"
+    key = parts.get("accountkey")
+    sas = parts.get("sharedaccesssignature")
+    if not key and not sas:
+        raise ReferenceError_("ConnectionString has neither AccountKey nor SharedAccessSignature")
+    if key and not name:
+        raise ReferenceError_("ConnectionString has an AccountKey but no AccountName")
+    return BlobRef(account_url=endpoint.rstrip("/"), container=container, blob=blob,
+                   account_name=name, account_key=key,
+                   sas_token=sas.lstrip("?") if sas else None)
+
+
+def parse_reference(obj: object) -> BlobRef:
+    """A BlobRef from a request's {ConnectionString|BaseLocation+SasBlobToken, RelativeLocation}."""
+    if not isinstance(obj, Mapping):
+        raise ReferenceError_("a blob reference must be a JSON object")
+    relative = obj.get("RelativeLocation")
+    if not isinstance(relative, str) or not relative.strip():
+        raise ReferenceError_("RelativeLocation is missing")
+    container, blob = _split_location(relative.strip())
+    conn = obj.get("ConnectionString")
+    if isinstance(conn, str) and conn.strip():
+        return _from_connection_string(conn, container, blob)
+    base = obj.get("BaseLocation")
+    token = obj.get("SasBlobToken")
+    if isinstance(base, str) and base.strip() and isinstance(token, str) and token.strip():
+        return BlobRef(account_url=base.strip().rstrip("/"), container=container, blob=blob,
+                       sas_token=token.strip().lstrip("?"), sas_form=True)
+    raise ReferenceError_(
+        "a blob reference needs ConnectionString, or BaseLocation and SasBlobToken"
+    )
+
+
+def redact_reference(obj: object) -> object:
+    """The reference as submitted, with AccountKey and SAS values replaced by '***'."""
+    if not isinstance(obj, Mapping):
+        return obj
+    out: dict[str, Any] = dict(obj)
+    if isinstance(out.get("ConnectionString"), str):
+        out["ConnectionString"] = logs.scrub(
+            ";".join(
+                (p.split("=", 1)[0] + "=***")
+                if p.split("=", 1)[0].strip().lower() in {"accountkey", "sharedaccesssignature"}
+                else p
+                for p in out["ConnectionString"].split(";")
+            )
+        )
+    if out.get("SasBlobToken") is not None:
+        out["SasBlobToken"] = "***"
+    return out
+
+
+class Storage:
+    """Blob clients that share one aiohttp session (a client per job costs no connection)."""
+
+    def __init__(self, *, chunk_bytes: int) -> None:
+        self._chunk_bytes = chunk_bytes
+        self._session: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=256, limit_per_host=256)
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _client(self, ref: BlobRef) -> azblob_aio.BlobClient:
+        credential: Any
+        if ref.account_key and ref.account_name:
+            credential = {"account_name": ref.account_name, "account_key": ref.account_key}
+        else:
+            credential = ref.sas_token
+        return azblob_aio.BlobClient(
+            ref.account_url, ref.container, ref.blob, credential=credential,
+            transport=AioHttpTransport(session=self._session, session_owner=False),
+            max_single_get_size=self._chunk_bytes, max_chunk_get_size=self._chunk_bytes,
+            max_single_put_size=self._chunk_bytes, max_block_size=self._chunk_bytes,
+            retry_total=2,
+        )
+
+    async def read(self, ref: BlobRef, *, name: str) -> AsyncIterator[bytes]:
+        """The blob's bytes in chunks of at most `chunk_bytes`."""
+        client = self._client(ref)
+        try:
+            downloader = await client.download_blob()
+            async for chunk in downloader.chunks():
+                yield chunk
+        except azure_errors.AzureError as exc:
+            raise StorageError(describe(exc, name=name, ref=ref, verb="read")) from None
+
+    async def write(self, ref: BlobRef, chunks: AsyncIterator[bytes], *, name: str) -> None:
+        """Upload the stream: one PUT if it fits in a chunk, else staged blocks then a commit."""
+        client = self._client(ref)
+        buf = bytearray()
+        blocks: list[str] = []
+        try:
+            async for chunk in chunks:
+                buf += chunk
+                while len(buf) >= self._chunk_bytes:
+                    blocks.append(await self._stage(client, len(blocks),
+                                                    bytes(buf[: self._chunk_bytes])))
+                    del buf[: self._chunk_bytes]
+            if not blocks:
+                await client.upload_blob(bytes(buf), overwrite=True)
+                return
+            if buf:
+                blocks.append(await self._stage(client, len(blocks), bytes(buf)))
+            await client.commit_block_list([azblob.BlobBlock(block_id=b) for b in blocks])
+        except azure_errors.AzureError as exc:
+            raise StorageError(describe(exc, name=name, ref=ref, verb="write")) from None
+
+    @staticmethod
+    async def _stage(client: azblob_aio.BlobClient, index: int, data: bytes) -> str:
+        block_id = base64.b64encode(f"block-{index:08d}".encode()).decode()
+        await client.stage_block(block_id, data)
+        return block_id
+
+
+def describe(exc: BaseException, *, name: str, ref: BlobRef, verb: str) -> str:
+    """A Details line a person can act on, free of credentials."""
+    if isinstance(exc, azure_errors.ResourceNotFoundError):
+        what = getattr(exc, "error_code", None) or "not found"
+        return f"{name}: blob {ref.container}/{ref.blob} not found at {ref.account_url} ({what})"
+    if isinstance(exc, azure_errors.ClientAuthenticationError):
+        return (f"{name}: storage at {ref.account_url} refused the credentials to {verb} "
+                f"{ref.container}/{ref.blob}; check the AccountKey or SAS token")
+    if isinstance(exc, azure_errors.ServiceRequestError):
+        return f"{name}: cannot reach storage at {ref.account_url} to {verb} {ref.container}/" \
+               f"{ref.blob}"
+    if isinstance(exc, azure_errors.HttpResponseError):
+        code = getattr(exc, "error_code", None) or exc.status_code
+        return (f"{name}: storage at {ref.account_url} answered {exc.status_code} ({code}) "
+                f"when asked to {verb} {ref.container}/{ref.blob}")
+    return logs.scrub(f"{name}: could not {verb} {ref.container}/{ref.blob}: "
+                      f"{type(exc).__name__}")
+
+
+def read_sas(ref: BlobRef, *, lifetime_s: float) -> str:
+    """`?sv=...&sig=...`: read-only for this blob when the account key is known, else the
+    token the request gave (the service cannot sign without the key)."""
+    if ref.account_key and ref.account_name:
+        token = azblob.generate_blob_sas(
+            ref.account_name, ref.container, ref.blob, account_key=ref.account_key,
+            permission=azblob.BlobSasPermissions(read=True),
+            start=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5),
+            expiry=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=lifetime_s),
+        )
+        return "?" + token
+    return "?" + (ref.sas_token or "")
+
+
+def result_reference(ref: BlobRef, *, lifetime_s: float) -> dict[str, str | None]:
+    return {
+        "ConnectionString": None,
+        "BaseLocation": ref.account_url + "/",
+        "RelativeLocation": f"{ref.container}/{quote(ref.blob)}",
+        "SasBlobToken": read_sas(ref, lifetime_s=lifetime_s),
+    }
