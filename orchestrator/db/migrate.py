@@ -1,0 +1,101 @@
+"""Schema migrations (Alembic), driven from Python so `bes-orchestrator migrate` needs no
+alembic.ini in the working directory, and the schema check the daemon runs at start-up."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic import config as alembic_config
+from alembic import script as alembic_script
+from alembic import util as alembic_util
+from sqlalchemy import pool
+from sqlalchemy.ext import asyncio as sa_asyncio
+
+from orchestrator import errors
+from orchestrator.db import engine as db_engine
+
+#: orchestrator/alembic.ini (package data); its script_location points at MIGRATIONS_DIR.
+INI_PATH = Path(__file__).resolve().parent.parent / "alembic.ini"
+#: <project root>/migrations
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent.parent / "migrations"
+VERSION_TABLE = "alembic_version"
+
+
+def alembic_cfg() -> alembic_config.Config:
+    cfg = alembic_config.Config(str(INI_PATH)) if INI_PATH.exists() else alembic_config.Config()
+    # Set explicitly: correct even if the ini is missing or was read from another place.
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return cfg
+
+
+@functools.cache
+def head_revision() -> str:
+    """The revision this program's schema is at."""
+    head = alembic_script.ScriptDirectory.from_config(alembic_cfg()).get_current_head()
+    if head is None:
+        raise errors.DatabaseVersionError(f"no migrations found in {MIGRATIONS_DIR}")
+    return head
+
+
+def _known_revision(revision: str) -> bool:
+    scripts = alembic_script.ScriptDirectory.from_config(alembic_cfg())
+    try:
+        return scripts.get_revision(revision) is not None
+    except alembic_util.CommandError:
+        return False
+
+
+async def upgrade(url: str, password: str | None = None, *, revision: str = "head") -> None:
+    """Bring the database at `url` up to `revision`, in one transaction."""
+    engine = db_engine.create_engine(url, password=password, poolclass=pool.NullPool)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(_run_upgrade, revision)
+    finally:
+        await engine.dispose()
+
+
+def _run_upgrade(connection: sa.Connection, revision: str) -> None:
+    cfg = alembic_cfg()
+    cfg.attributes["connection"] = connection
+    command.upgrade(cfg, revision)
+
+
+async def current_revision(engine: sa_asyncio.AsyncEngine) -> str | None:
+    """The revision stamped in the database; None if it was never migrated."""
+    async with engine.connect() as conn:
+        conn = await conn.execution_options(**{db_engine.READ_ONLY: True})
+        has_table = await conn.run_sync(
+            lambda sync: sa.inspect(sync).has_table(VERSION_TABLE)
+        )
+        if not has_table:
+            return None
+        rows = (await conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}"))).all()
+    return str(rows[0][0]) if rows else None
+
+
+def check_revision(revision: str | None) -> None:
+    """Raise errors.DatabaseVersionError unless `revision` is this program's head."""
+    head = head_revision()
+    if revision == head:
+        return
+    if revision is None:
+        raise errors.DatabaseVersionError(
+            "the database has no schema yet: run `bes-orchestrator migrate`"
+        )
+    if _known_revision(revision):
+        raise errors.DatabaseVersionError(
+            f"the database schema is at revision {revision}, this program needs {head}: "
+            "run `bes-orchestrator migrate`"
+        )
+    raise errors.DatabaseVersionError(
+        f"the database schema is at revision {revision}, unknown to this program (head {head}): "
+        "this database was migrated by a newer bes-orchestrator"
+    )
+
+
+async def check(engine: sa_asyncio.AsyncEngine) -> None:
+    check_revision(await current_revision(engine))
