@@ -175,7 +175,8 @@ class Storage:
             transport=AioHttpTransport(session=self._session, session_owner=False),
             max_single_get_size=self._chunk_bytes, max_chunk_get_size=self._chunk_bytes,
             max_single_put_size=self._chunk_bytes, max_block_size=self._chunk_bytes,
-            retry_total=2,
+            retry_total=2, initial_backoff=0.2, increment_base=1, random_jitter_range=0.2,
+            connection_timeout=10,
         )
 
     async def read(self, ref: BlobRef, *, name: str) -> AsyncIterator[bytes]:
@@ -219,20 +220,26 @@ class Storage:
 def describe(exc: BaseException, *, name: str, ref: BlobRef, verb: str) -> str:
     """A Details line a person can act on, free of credentials."""
     if isinstance(exc, azure_errors.ResourceNotFoundError):
-        what = getattr(exc, "error_code", None) or "not found"
+        what = _code(exc) or "not found"
         return f"{name}: blob {ref.container}/{ref.blob} not found at {ref.account_url} ({what})"
-    if isinstance(exc, azure_errors.ClientAuthenticationError):
+    if isinstance(exc, azure_errors.ClientAuthenticationError) or (
+            isinstance(exc, azure_errors.HttpResponseError) and exc.status_code == 403):
         return (f"{name}: storage at {ref.account_url} refused the credentials to {verb} "
                 f"{ref.container}/{ref.blob}; check the AccountKey or SAS token")
     if isinstance(exc, azure_errors.ServiceRequestError):
         return f"{name}: cannot reach storage at {ref.account_url} to {verb} {ref.container}/" \
                f"{ref.blob}"
     if isinstance(exc, azure_errors.HttpResponseError):
-        code = getattr(exc, "error_code", None) or exc.status_code
+        code = _code(exc) or exc.status_code
         return (f"{name}: storage at {ref.account_url} answered {exc.status_code} ({code}) "
                 f"when asked to {verb} {ref.container}/{ref.blob}")
     return logs.scrub(f"{name}: could not {verb} {ref.container}/{ref.blob}: "
                       f"{type(exc).__name__}")
+
+
+def _code(exc: BaseException) -> str | None:
+    code = getattr(exc, "error_code", None)
+    return None if code is None else str(getattr(code, "value", code))
 
 
 def read_sas(ref: BlobRef, *, lifetime_s: float) -> str:

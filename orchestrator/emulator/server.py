@@ -662,10 +662,11 @@ def build_app(options: options_mod.EmulatorOptions) -> web.Application:
 @contextlib.asynccontextmanager
 async def running(options: options_mod.EmulatorOptions) -> AsyncIterator[str]:
     """Serve the emulator in this event loop; yields its base URL, e.g. http://127.0.0.1:PORT."""
-    runner = web.AppRunner(build_app(options), access_log=None, handle_signals=False)
+    runner = web.AppRunner(build_app(options), access_log=None, handle_signals=False,
+                           shutdown_timeout=1.0)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, options.host, options.port, shutdown_timeout=1.0)
+        site = web.TCPSite(runner, options.host, options.port)
         await site.start()
         host, port = runner.addresses[0][:2]
         yield f"http://{host}:{port}"
