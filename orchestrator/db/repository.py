@@ -40,6 +40,7 @@ _JOB_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(jobs.Job
 _GUARD_FIELDS = frozenset({"id", "state", "lease_owner"})
 _SETTABLE_FIELDS = frozenset(_JOB_FIELDS) - _GUARD_FIELDS
 _JSON_FIELDS = frozenset({"result_refs", "outputs"})
+_STATE_VALUES = frozenset(s.value for s in lifecycle.JobState)
 _ACTIVE = sorted(s.value for s in lifecycle.ACTIVE_STATES)
 _MIN_PREFIX = 4
 _HEX = re.compile(r"^[0-9a-f]+$")
@@ -546,7 +547,7 @@ class Repository:
         counts = dict.fromkeys(lifecycle.JobState, 0)
         async with self._read() as conn:
             for state, n in await conn.execute(query):
-                if state in lifecycle.JobState:  # a newer program's state: not ours to count
+                if state in _STATE_VALUES:  # else a newer program's state: not ours to count
                     counts[lifecycle.JobState(state)] = int(n)
         return counts
 

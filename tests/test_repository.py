@@ -1,0 +1,569 @@
+"""The repository against real databases: a SQLite file and PostgreSQL (one suite, both)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import json
+import os
+import sqlite3
+import stat
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from orchestrator import clock, jobs, lifecycle
+from orchestrator.db import engine as db_engine
+from orchestrator.db import migrate, repository
+
+S = lifecycle.JobState
+T0 = dt.datetime(2026, 11, 27, 20, 45, 55, 123456, tzinfo=dt.UTC)
+LEASE_S = 30.0
+
+
+@pytest.fixture
+async def repo(database_url: str) -> AsyncIterator[repository.Repository]:
+    await migrate.upgrade(database_url)
+    r = await repository.Repository.open(database_url)
+    await r.check_schema()
+    try:
+        yield r
+    finally:
+        await r.close()
+
+
+@pytest.fixture
+async def repo2(database_url: str, repo: repository.Repository) -> AsyncIterator[
+    repository.Repository
+]:
+    """A second repository on the same database: another daemon."""
+    r = await repository.Repository.open(database_url)
+    try:
+        yield r
+    finally:
+        await r.close()
+
+
+def new_job(key: str, *, job_id: str | None = None, service: str = "svc") -> jobs.NewJob:
+    return jobs.NewJob(
+        id=job_id or uuid.uuid4().hex,
+        service=service,
+        watch="inbox",
+        claim_key=f"inbox:{key}",
+        source_path=f"/in/{key}.csv",
+        input_name=f"{key}.csv",
+        output_dir="/out",
+        archive_dir="/archive",
+        failed_dir="/failed",
+    )
+
+
+async def make_jobs(
+    repo: repository.Repository, n: int, *, worker: str = "w1", now: dt.datetime = T0
+) -> list[jobs.Job]:
+    made = []
+    for i in range(n):
+        job = await repo.create_job(new_job(f"f{i}"), worker_id=worker, now=now, lease_s=LEASE_S)
+        assert job is not None
+        made.append(job)
+    return made
+
+
+def step(job: jobs.Job, to: S, message: str = "", **fields: object) -> jobs.Transition:
+    return jobs.Transition(job_id=job.id, expected=job.state, to=to, message=message or str(to),
+                           fields=fields)
+
+
+async def sql(url: str, statement: str, **params: Any) -> list[dict[str, Any]]:
+    engine = db_engine.create_engine(url)
+    try:
+        async with engine.begin() as conn:
+            return [dict(r._mapping) for r in await conn.execute(sa.text(statement), params)]
+    finally:
+        await engine.dispose()
+
+
+# -- intake ------------------------------------------------------------------------------------
+async def test_create_job_is_claimed_leased_and_unique(repo: repository.Repository) -> None:
+    new = new_job("a")
+    job = await repo.create_job(new, worker_id="w1", now=T0, lease_s=LEASE_S)
+    assert job is not None
+    assert job.state is S.CLAIMED
+    assert (job.attempts, job.runs, job.lease_owner) == (1, 1, "w1")
+    assert job.lease_expires_at == T0 + dt.timedelta(seconds=LEASE_S)
+    assert job.input_path == new.source_path
+    assert job == await repo.get_job(job.id)  # what create_job returns is what is stored
+    assert job.created_at == T0 and job.created_at.tzinfo is not None
+
+    # Same claim key from another host: refused, not an error.
+    again = dataclass_replace(new_job("a"), id=uuid.uuid4().hex)
+    assert await repo.create_job(again, worker_id="w2", now=T0, lease_s=LEASE_S) is None
+    assert [j.id for j in await repo.list_jobs()] == [job.id]
+
+    [event] = await repo.events(job.id)
+    assert (event.from_state, event.to_state, event.worker) == (None, S.CLAIMED, "w1")
+    assert event.at == T0
+
+
+def dataclass_replace(new: jobs.NewJob, **changes: Any) -> jobs.NewJob:
+    return dataclasses.replace(new, **changes)
+
+
+async def test_naive_datetimes_are_refused(repo: repository.Repository) -> None:
+    with pytest.raises(sa.exc.StatementError, match="naive datetime"):
+        await repo.create_job(new_job("x"), worker_id="w1", now=T0.replace(tzinfo=None),
+                              lease_s=LEASE_S)
+
+
+async def test_get_job_by_prefix(repo: repository.Repository) -> None:
+    a = await repo.create_job(new_job("a", job_id="abcd" + "0" * 28), worker_id="w1", now=T0,
+                              lease_s=LEASE_S)
+    b = await repo.create_job(new_job("b", job_id="abcd" + "1" * 28), worker_id="w1", now=T0,
+                              lease_s=LEASE_S)
+    assert a is not None and b is not None
+    assert (await repo.get_job("abcd0")).id == a.id
+    assert (await repo.get_job("ABCD1")).id == b.id
+    assert (await repo.get_job(a.id)).id == a.id
+    with pytest.raises(repository.InvalidState, match="ambiguous"):
+        await repo.get_job("abcd")
+    with pytest.raises(repository.NotFound):
+        await repo.get_job("abc")  # too short to be a prefix
+    with pytest.raises(repository.NotFound):
+        await repo.get_job("ffff")
+    with pytest.raises(repository.NotFound):
+        await repo.get_job("abcd%")  # not hex: no LIKE wildcards
+
+
+# -- claiming ------------------------------------------------------------------------------------
+async def test_claim_due_leases_each_job_to_one_worker(
+    repo: repository.Repository, repo2: repository.Repository
+) -> None:
+    made = await make_jobs(repo, 6)
+    assert await repo.release("w1", now=T0) == 6
+    now = T0 + dt.timedelta(seconds=1)
+    a, b = await asyncio.gather(
+        repo.claim_due(worker_id="w1", now=now, lease_s=LEASE_S, limit=4),
+        repo2.claim_due(worker_id="w2", now=now, lease_s=LEASE_S, limit=4),
+    )
+    ids_a, ids_b = {j.id for j in a}, {j.id for j in b}
+    assert not ids_a & ids_b
+    assert ids_a | ids_b == {j.id for j in made}
+    assert {j.lease_owner for j in a} <= {"w1"} and {j.lease_owner for j in b} <= {"w2"}
+    # Released (attempts 1 -> 0), then claimed again: 1.
+    assert {j.attempts for j in a + b} == {1}
+    # Valid leases are not handed out again.
+    assert await repo.claim_due(worker_id="w3", now=now, lease_s=LEASE_S, limit=10) == []
+    # No takeover events: the leases were free, not expired.
+    for job in made:
+        assert all("expired" not in e.message for e in await repo.events(job.id))
+
+
+async def test_claim_due_order_and_due_time(repo: repository.Repository) -> None:
+    first, second, done = await make_jobs(repo, 3)
+    at = {first.id: T0 + dt.timedelta(seconds=200), second.id: T0 + dt.timedelta(seconds=100)}
+    await repo.apply(
+        [step(done, S.FAILED, error="boom")],
+        [jobs.Reschedule(job_id=job_id, expected=S.CLAIMED, next_run_at=when, bes_status=None,
+                         poll_count=0) for job_id, when in at.items()],
+        worker_id="w1", now=T0,
+    )
+    await repo.release("w1", now=T0)
+    claim = repo.claim_due
+    got = await claim(worker_id="w1", now=T0 + dt.timedelta(seconds=150), lease_s=1, limit=10)
+    assert [j.id for j in got] == [second.id]  # `first` is not due yet; `done` is terminal
+    await repo.release("w1", now=T0)
+    late = T0 + dt.timedelta(seconds=300)
+    got = await claim(worker_id="w1", now=late, lease_s=LEASE_S, limit=1)
+    assert [j.id for j in got] == [second.id]  # earliest next_run_at first
+    got = await claim(worker_id="w1", now=late, lease_s=LEASE_S, limit=10)
+    assert [j.id for j in got] == [first.id]
+
+
+async def test_expired_lease_is_taken_over_with_an_event(repo: repository.Repository) -> None:
+    [job] = await make_jobs(repo, 1, worker="w1")
+    soon = T0 + dt.timedelta(seconds=LEASE_S - 1)
+    assert await repo.claim_due(worker_id="w2", now=soon, lease_s=LEASE_S, limit=5) == []
+    late = T0 + dt.timedelta(seconds=LEASE_S + 1)
+    [taken] = await repo.claim_due(worker_id="w2", now=late, lease_s=LEASE_S, limit=5)
+    assert taken.id == job.id
+    assert taken.lease_owner == "w2"
+    assert taken.attempts == 2  # counted at claim time: the crash-loop guard sees it
+    assert taken.lease_expires_at == late + dt.timedelta(seconds=LEASE_S)
+    last = (await repo.events(job.id))[-1]
+    assert last.message == "lease of w1 expired; taken over by w2"
+    assert (last.from_state, last.to_state, last.worker) == (S.CLAIMED, S.CLAIMED, "w2")
+    # The old owner's late write is refused.
+    with pytest.raises(repository.LeaseLost, match="leased to w2"):
+        await repo.transition(step(job, S.ACCEPTED), worker_id="w1", now=late)
+
+
+# -- transitions -------------------------------------------------------------------------------
+async def test_transition_is_guarded_and_writes_an_event(repo: repository.Repository) -> None:
+    [job] = await make_jobs(repo, 1)
+    now = T0 + dt.timedelta(seconds=2)
+    with pytest.raises(repository.LeaseLost):
+        await repo.transition(step(job, S.ACCEPTED), worker_id="w2", now=now)  # not the owner
+    wrong = jobs.Transition(job_id=job.id, expected=S.UPLOADED, to=S.SUBMITTED, message="x")
+    with pytest.raises(repository.LeaseLost, match="found state claimed"):
+        await repo.transition(wrong, worker_id="w1", now=now)
+    assert len(await repo.events(job.id)) == 1  # failed guards leave no trace
+
+    nxt = now + dt.timedelta(seconds=7)
+    moved = await repo.transition(
+        jobs.Transition(job_id=job.id, expected=S.CLAIMED, to=S.ACCEPTED, message="spooled",
+                        fields={"input_path": "/spool/a.csv", "input_sha256": "ab" * 32,
+                                "input_size": 12},
+                        next_run_at=nxt),
+        worker_id="w1", now=now,
+    )
+    assert moved.state is S.ACCEPTED
+    assert (moved.input_path, moved.input_size, moved.next_run_at) == ("/spool/a.csv", 12, nxt)
+    assert moved.updated_at == now and moved.lease_owner == "w1"
+    assert moved == await repo.get_job(job.id)
+    event = (await repo.events(job.id))[-1]
+    assert (event.from_state, event.to_state, event.message, event.worker) == (
+        S.CLAIMED, S.ACCEPTED, "spooled", "w1")
+
+    with pytest.raises(ValueError, match="cannot set 'lease_owner'"):
+        await repo.transition(step(moved, S.UPLOADED, lease_owner="w9"), worker_id="w1", now=now)
+
+
+async def test_terminal_transition_frees_the_lease_and_keeps_no_secret(
+    repo: repository.Repository,
+) -> None:
+    [job] = await make_jobs(repo, 1)
+    now = T0 + dt.timedelta(seconds=90)
+    failed = await repo.transition(
+        step(job, S.FAILED, "failed: https://a.blob/x?sv=1&sig=SECRETSIG",
+             error="download of https://a.blob/c/r.csv?sv=2&sig=SECRETSIG failed",
+             error_code="AuthenticationFailed",
+             result_refs={"output1": "https://a.blob/c/r.csv"}),
+        worker_id="w1", now=now,
+    )
+    assert failed.state is S.FAILED
+    assert (failed.lease_owner, failed.lease_expires_at) == (None, None)
+    assert failed.finished_at == now
+    assert failed.result_refs == {"output1": "https://a.blob/c/r.csv"}
+    assert failed.error is not None and "SECRETSIG" not in failed.error
+    assert "sig=***" in failed.error
+    assert all("SECRETSIG" not in e.message for e in await repo.events(job.id))
+    # Not active any more: nobody claims it, heartbeat does not renew it.
+    assert await repo.claim_due(worker_id="w1", now=now, lease_s=LEASE_S, limit=5) == []
+
+
+async def test_apply_batch_mixed_lost_and_ok(
+    repo: repository.Repository, repo2: repository.Repository
+) -> None:
+    j1, j2, j3, j4 = await make_jobs(repo, 4, worker="w1")
+    [other] = [j for j in [await repo2.create_job(new_job("o"), worker_id="w2", now=T0,
+                                                  lease_s=LEASE_S)] if j is not None]
+    # Bring j3, j4 to STARTED with a BES status.
+    for j in (j3, j4):
+        await repo.transition(
+            jobs.Transition(job_id=j.id, expected=S.CLAIMED, to=S.STARTED, message="started",
+                            fields={"bes_job_id": "b" + j.id[:8], "bes_status": "NotStarted"}),
+            worker_id="w1", now=T0,
+        )
+    now = T0 + dt.timedelta(seconds=3)
+    when = now + dt.timedelta(seconds=4)
+    lost = await repo.apply(
+        [step(j1, S.ACCEPTED, "spooled", input_path="/spool/1"),
+         jobs.Transition(job_id=j2.id, expected=S.UPLOADED, to=S.SUBMITTED, message="bad")],
+        [jobs.Reschedule(job_id=j3.id, expected=S.STARTED, next_run_at=when,
+                         bes_status="Running", poll_count=1),
+         jobs.Reschedule(job_id=j4.id, expected=S.STARTED, next_run_at=when,
+                         bes_status="NotStarted", poll_count=1),
+         jobs.Reschedule(job_id=other.id, expected=S.CLAIMED, next_run_at=when,
+                         bes_status=None, poll_count=1)],
+        worker_id="w1", now=now,
+    )
+    assert lost == {j2.id, other.id}
+    got = {j.id: j for j in await repo.list_jobs()}
+    assert (got[j1.id].state, got[j1.id].input_path) == (S.ACCEPTED, "/spool/1")
+    assert got[j2.id].state is S.CLAIMED and got[j2.id].updated_at == T0
+    assert (got[j3.id].bes_status, got[j3.id].poll_count, got[j3.id].next_run_at) == (
+        "Running", 1, when)
+    assert (got[j4.id].poll_count, got[j4.id].updated_at) == (1, now)
+    assert got[other.id].poll_count == 0 and got[other.id].next_run_at == T0
+
+    assert (await repo.events(j1.id))[-1].message == "spooled"
+    e3 = (await repo.events(j3.id))[-1]
+    assert (e3.from_state, e3.to_state, e3.message) == (S.STARTED, S.STARTED,
+                                                       "BES status NotStarted -> Running")
+    assert (await repo.events(j4.id))[-1].message == "started"  # status unchanged: no event
+    assert len(await repo.events(j2.id)) == 1
+
+
+async def test_apply_the_same_job_twice_in_one_batch(repo: repository.Repository) -> None:
+    [job] = await make_jobs(repo, 1)
+    now = T0 + dt.timedelta(seconds=1)
+    lost = await repo.apply(
+        [step(job, S.ACCEPTED),
+         jobs.Transition(job_id=job.id, expected=S.ACCEPTED, to=S.UPLOADED, message="up"),
+         jobs.Transition(job_id=job.id, expected=S.CLAIMED, to=S.FAILED, message="stale")],
+        [jobs.Reschedule(job_id=job.id, expected=S.UPLOADED, next_run_at=now,
+                         bes_status="x", poll_count=3)],
+        worker_id="w1", now=now,
+    )
+    assert lost == {job.id}  # the stale third item
+    stored = await repo.get_job(job.id)
+    assert (stored.state, stored.poll_count, stored.bes_status) == (S.UPLOADED, 3, "x")
+    assert [e.to_state for e in await repo.events(job.id)] == [
+        S.CLAIMED, S.ACCEPTED, S.UPLOADED, S.UPLOADED]
+
+
+async def test_apply_nothing(repo: repository.Repository) -> None:
+    assert await repo.apply([], [], worker_id="w1", now=T0) == set()
+
+
+# -- workers -----------------------------------------------------------------------------------
+async def test_heartbeat_and_release(repo: repository.Repository, database_url: str) -> None:
+    await repo.register_worker("w1", host="h", pid=42, now=T0)
+    a, b, c = await make_jobs(repo, 3, worker="w1")
+    await repo.transition(step(c, S.DONE), worker_id="w1", now=T0)
+    await repo2_create(repo, "w2")
+    later = T0 + dt.timedelta(seconds=20)
+    assert await repo.heartbeat("w1", now=later, lease_s=LEASE_S) == 2
+    for job_id in (a.id, b.id):
+        renewed = await repo.get_job(job_id)
+        assert renewed.lease_expires_at == later + dt.timedelta(seconds=LEASE_S)
+    [row] = await sql(database_url, "SELECT * FROM workers WHERE id = 'w1'")
+    assert (row["host"], row["pid"], row["stopped_at"]) == ("h", 42, None)
+
+    stop = later + dt.timedelta(seconds=1)
+    assert await repo.release("w1", now=stop) == 2
+    for job_id in (a.id, b.id):
+        freed = await repo.get_job(job_id)
+        assert (freed.lease_owner, freed.lease_expires_at, freed.attempts) == (None, None, 0)
+    assert (await repo.get_job(c.id)).attempts == 1  # terminal jobs are not touched
+    [w2] = [j for j in await repo.list_jobs() if j.lease_owner == "w2"]
+    assert w2.attempts == 1  # another worker's lease is not released
+    [row] = await sql(database_url, "SELECT stopped_at FROM workers WHERE id = 'w1'")
+    assert row["stopped_at"] is not None
+
+    # Restart under the same id: the row is reused and stopped_at cleared.
+    await repo.register_worker("w1", host="h", pid=43, now=stop)
+    [row] = await sql(database_url, "SELECT pid, stopped_at FROM workers WHERE id = 'w1'")
+    assert (row["pid"], row["stopped_at"]) == (43, None)
+
+
+async def repo2_create(repo: repository.Repository, worker: str) -> None:
+    assert await repo.create_job(new_job(f"by-{worker}"), worker_id=worker, now=T0,
+                                 lease_s=LEASE_S) is not None
+
+
+# -- queue table ---------------------------------------------------------------------------------
+def from_queue(item: jobs.QueueItem) -> jobs.NewJob:
+    return jobs.NewJob(id=uuid.uuid4().hex, service=item.service, watch=None,
+                       claim_key=f"queue:{item.id}", source_path=item.path,
+                       input_name=Path(item.path).name, output_dir="/o", archive_dir="/a",
+                       failed_dir="/f")
+
+
+async def test_concurrent_queue_claims_never_share_a_row(
+    repo: repository.Repository, repo2: repository.Repository, database_url: str
+) -> None:
+    ids = await repo.enqueue([f"/q/{i}.csv" for i in range(30)], service="svc", now=T0)
+    assert len(ids) == 30 and ids == sorted(ids)
+
+    async def drain(r: repository.Repository, worker: str) -> list[jobs.Job]:
+        got: list[jobs.Job] = []
+        while batch := await r.claim_queue(worker_id=worker, now=T0, lease_s=LEASE_S, limit=4,
+                                           make_job=from_queue):
+            got += batch
+            await asyncio.sleep(0)
+        return got
+
+    a, b = await asyncio.gather(drain(repo, "w1"), drain(repo2, "w2"))
+    keys = [j.claim_key for j in a + b]
+    assert len(keys) == len(set(keys)) == 30
+    assert set(keys) == {f"queue:{i}" for i in ids}
+    assert all(j.state is S.CLAIMED and j.attempts == 1 for j in a + b)
+    assert {j.lease_owner for j in a} <= {"w1"} and {j.lease_owner for j in b} <= {"w2"}
+    rows = await sql(database_url, "SELECT id, job_id FROM queue ORDER BY id")
+    by_key = {j.claim_key: j.id for j in a + b}
+    assert {r["id"]: r["job_id"] for r in rows} == {i: by_key[f"queue:{i}"] for i in ids}
+    assert await repo.claim_queue(worker_id="w1", now=T0, lease_s=LEASE_S, limit=4,
+                                  make_job=from_queue) == []
+    [job] = a[:1] or b[:1]
+    assert (await repo.events(job.id))[0].message.startswith("claimed queue row")
+
+
+async def test_queue_row_for_a_claimed_key_points_at_the_holder(
+    repo: repository.Repository, database_url: str
+) -> None:
+    holder = await repo.create_job(new_job("same"), worker_id="w1", now=T0, lease_s=LEASE_S)
+    assert holder is not None
+    [qid] = await repo.enqueue(["/q/same.csv"], service="svc", now=T0)
+
+    def same_key(item: jobs.QueueItem) -> jobs.NewJob:
+        return dataclass_replace(from_queue(item), claim_key=holder.claim_key)
+
+    got = await repo.claim_queue(worker_id="w1", now=T0, lease_s=LEASE_S, limit=5,
+                                 make_job=same_key)
+    assert got == []
+    [row] = await sql(database_url, "SELECT job_id FROM queue WHERE id = :id", id=qid)
+    assert row["job_id"] == holder.id
+    assert len(await repo.list_jobs()) == 1
+
+
+# -- people's actions ----------------------------------------------------------------------------
+async def test_request_cancel(repo: repository.Repository) -> None:
+    job, done = await make_jobs(repo, 2)
+    started = await repo.transition(step(job, S.STARTED, bes_job_id="b1"), worker_id="w1",
+                                    now=T0)
+    await repo.transition(step(done, S.DONE), worker_id="w1", now=T0)
+    now = T0 + dt.timedelta(seconds=5)
+    cancelling = await repo.request_cancel(job.id[:6], now=now)
+    assert cancelling.state is S.CANCELLING and cancelling.cancel_requested
+    assert (cancelling.lease_owner, cancelling.next_run_at) == (None, now)
+    event = (await repo.events(job.id))[-1]
+    assert (event.from_state, event.to_state, event.message, event.worker) == (
+        S.STARTED, S.CANCELLING, "cancel requested", None)
+    # The worker that held it finds out at its next write.
+    with pytest.raises(repository.LeaseLost):
+        await repo.transition(step(started, S.REMOTE_FINISHED), worker_id="w1", now=now)
+    # Asking twice changes nothing; an ended job cannot be cancelled.
+    assert await repo.request_cancel(job.id, now=now) == cancelling
+    with pytest.raises(repository.InvalidState, match="done"):
+        await repo.request_cancel(done.id, now=now)
+    with pytest.raises(repository.NotFound):
+        await repo.request_cancel("0123456789", now=now)
+    # Whoever claims it next runs the cancel step.
+    [claimed] = await repo.claim_due(worker_id="w2", now=now, lease_s=LEASE_S, limit=5)
+    assert (claimed.id, claimed.state) == (job.id, S.CANCELLING)
+
+
+async def test_retry(repo: repository.Repository) -> None:
+    [job] = await make_jobs(repo, 1)
+    await repo.transition(
+        step(job, S.STARTED, bes_job_id="b1", bes_status="Running", poll_count=4,
+             input_path="/spool/x", started_at=T0, submitted_at=T0,
+             deadline_at=T0 + dt.timedelta(hours=1)),
+        worker_id="w1", now=T0,
+    )
+    with pytest.raises(repository.InvalidState, match="only failed or cancelled"):
+        await repo.retry(job.id, now=T0)
+    failing = await repo.get_job(job.id)
+    await repo.transition(
+        step(failing, S.FAILED, input_path="/failed/a.csv", error="Details: bad input",
+             error_code="BadArgument", result_refs={"o": "u"}, outputs={"o": "/out/a.o.csv"}),
+        worker_id="w1", now=T0,
+    )
+    now = T0 + dt.timedelta(minutes=1)
+    again = await repo.retry(job.id, now=now)
+    assert again.state is S.CLAIMED
+    assert again.source_path == again.input_path == "/failed/a.csv"
+    assert (again.runs, again.attempts, again.poll_count) == (2, 0, 0)
+    assert (again.bes_job_id, again.bes_status, again.error, again.error_code) == (
+        None, None, None, None)
+    assert (again.result_refs, again.outputs) == ({}, {})
+    assert (again.submitted_at, again.started_at, again.finished_at, again.deadline_at) == (
+        None, None, None, None)
+    assert (again.lease_owner, again.next_run_at, again.cancel_requested) == (None, now, False)
+    assert (await repo.events(job.id))[-1].message == "retry requested"
+    [claimed] = await repo.claim_due(worker_id="w1", now=now, lease_s=LEASE_S, limit=5)
+    assert claimed.attempts == 1
+
+
+# -- reading -------------------------------------------------------------------------------------
+async def test_lists_and_counts(repo: repository.Repository) -> None:
+    made = []
+    for i in range(3):
+        made += await make_jobs_at(repo, f"k{i}", T0 + dt.timedelta(seconds=i))
+    await repo.transition(step(made[0], S.DONE), worker_id="w1", now=T0)
+    assert [j.id for j in await repo.list_jobs()] == [j.id for j in reversed(made)]
+    assert [j.id for j in await repo.list_jobs(state=S.DONE)] == [made[0].id]
+    assert await repo.list_jobs(service="nope") == []
+    assert len(await repo.list_jobs(limit=2)) == 2
+    counts = await repo.count_by_state()
+    assert counts[S.CLAIMED] == 2 and counts[S.DONE] == 1 and counts[S.FAILED] == 0
+    assert set(counts) == set(S)
+    oldest = await repo.oldest_active()
+    assert oldest is not None and oldest.id == made[1].id
+
+
+async def make_jobs_at(repo: repository.Repository, key: str, now: dt.datetime) -> list[jobs.Job]:
+    job = await repo.create_job(new_job(key), worker_id="w1", now=now, lease_s=LEASE_S)
+    assert job is not None
+    return [job]
+
+
+async def test_oldest_active_none(repo: repository.Repository) -> None:
+    assert await repo.oldest_active() is None
+
+
+HISTORY_COLUMNS = {
+    "job_id", "input_path", "input_name", "input_sha256", "service", "state", "bes_job_id",
+    "bes_status", "attempts", "runs", "created_at", "submitted_at", "started_at", "finished_at",
+    "updated_at", "duration_s", "outputs", "error", "worker",
+}
+
+
+async def test_job_history_view(repo: repository.Repository) -> None:
+    done, running = await make_jobs(repo, 2)
+    finish = T0 + dt.timedelta(seconds=90, microseconds=500_000)
+    await repo.transition(
+        step(done, S.DONE, bes_job_id="539d0bc2", bes_status="Finished", input_sha256="ab" * 32,
+             submitted_at=T0 + dt.timedelta(seconds=1), outputs={"output1": "/out/f0.output1.csv"}),
+        worker_id="w1", now=finish,
+    )
+    rows = {r["job_id"]: r for r in await repo.history()}
+    assert list(rows) == sorted(rows, reverse=True)  # same created_at: job_id breaks the tie
+    d, r = rows[done.id], rows[running.id]
+    assert HISTORY_COLUMNS <= set(d)
+    assert d["created_at"] == "2026-11-27T20:45:55.123Z"
+    assert d["submitted_at"] == "2026-11-27T20:45:56.123Z"
+    assert d["finished_at"] == "2026-11-27T20:47:25.623Z"
+    assert d["updated_at"] == d["finished_at"]
+    assert d["started_at"] is None
+    assert d["duration_s"] == pytest.approx(90.5)
+    assert json.loads(d["outputs"]) == {"output1": "/out/f0.output1.csv"}
+    assert (d["state"], d["bes_job_id"], d["bes_status"], d["worker"]) == (
+        "done", "539d0bc2", "Finished", None)
+    assert (d["attempts"], d["runs"], d["input_name"]) == (1, 1, "f0.csv")
+    assert (r["duration_s"], r["finished_at"], r["worker"], r["state"]) == (
+        None, None, "w1", "claimed")
+    assert await repo.history(limit=1) == [rows[max(rows)]]
+
+
+async def test_job_history_readable_with_plain_sqlite3(
+    repo: repository.Repository, database_url: str
+) -> None:
+    if not database_url.startswith("sqlite"):
+        pytest.skip("the sqlite3 command-line view is a SQLite matter")
+    [job] = await make_jobs(repo, 1)
+    path = sa.make_url(database_url).database
+    assert path is not None
+    with sqlite3.connect(path) as conn:
+        conn.row_factory = sqlite3.Row
+        [row] = conn.execute("select * from job_history").fetchall()
+    assert row["job_id"] == job.id and row["created_at"] == "2026-11-27T20:45:55.123Z"
+
+
+async def test_sqlite_files_are_private(repo: repository.Repository, database_url: str) -> None:
+    if not database_url.startswith("sqlite"):
+        pytest.skip("file modes are a SQLite matter")
+    await make_jobs(repo, 1)
+    path = sa.make_url(database_url).database
+    assert path is not None
+    # The -wal and -shm files exist while the repository is open (WAL is on).
+    assert file_modes(path) == {path: 0o600, f"{path}-wal": 0o600, f"{path}-shm": 0o600}
+
+
+def file_modes(path: str) -> dict[str, int]:
+    candidates = (path, f"{path}-wal", f"{path}-shm")
+    return {p: stat.S_IMODE(os.stat(p).st_mode) for p in candidates if os.path.exists(p)}
+
+
+async def test_history_times_truncate_to_milliseconds(repo: repository.Repository) -> None:
+    """Both dialects cut (not round) to milliseconds, as clock.iso does."""
+    edge = dt.datetime(2026, 12, 31, 23, 59, 59, 999_999, tzinfo=dt.UTC)
+    [job] = await make_jobs(repo, 1, now=edge)
+    [row] = await repo.history()
+    assert row["created_at"] == "2026-12-31T23:59:59.999Z" == clock.iso(job.created_at)
