@@ -52,6 +52,7 @@ def _check_ext(ext: str) -> str:
 def input_blob_name(job_id: str, input_name: str, suffix: str) -> str:
     """`jobs/<job_id>/in/<input_name><suffix>`, e.g. jobs/3f…/in/input1.csv."""
     _check_component(job_id, "job id")
+    _check_component(input_name, "input name")
     name = _check_component(f"{input_name}{suffix}", "input name")
     return f"jobs/{job_id}/in/{name}"
 
@@ -59,6 +60,7 @@ def input_blob_name(job_id: str, input_name: str, suffix: str) -> str:
 def output_blob_name(job_id: str, output_name: str, ext: str) -> str:
     """`jobs/<job_id>/out/<output_name><ext>`; the extension must be one BES accepts."""
     _check_component(job_id, "job id")
+    _check_component(output_name, "output name")
     name = _check_component(f"{output_name}{_check_ext(ext)}", "output name")
     return f"jobs/{job_id}/out/{name}"
 
