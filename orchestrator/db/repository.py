@@ -375,8 +375,12 @@ class Repository:
             current = await self._guarded_rows(conn, {i.job_id for i in items}, worker_id)
             plan = _Plan.make(items, current, worker_id=worker_id, now=now)
             for round_ in plan.rounds:
-                for stmt, params in round_.statements():
-                    await conn.execute(stmt, params)
+                if self._sqlite:
+                    for stmt, params in round_.statements():
+                        await conn.execute(stmt, params)
+                else:
+                    for pg_stmt in round_.pg_statements(worker_id):
+                        await conn.execute(pg_stmt)
             if plan.events:
                 await conn.execute(sa.insert(_EVENTS), plan.events)
         return plan.lost
@@ -591,8 +595,40 @@ class _Round:
         self.groups.setdefault(tuple(sorted(values)), []).append({**values, **guard})
 
     def statements(self) -> list[tuple[sa.Update, list[dict[str, Any]]]]:
+        """executemany: one guarded UPDATE per parameter set (SQLite runs these in-process)."""
         return [(sa.update(_JOBS).where(_TRANSITION_GUARD), params)
                 for params in self.groups.values()]
+
+    def pg_statements(self, worker_id: str) -> list[sa.Update]:
+        """PostgreSQL: one `UPDATE … FROM unnest(arrays)` per group, not one statement per row
+        (asyncpg's executemany of 1,000 updates took ~140-400 ms; this takes a few)."""
+        out = []
+        for columns, params in self.groups.items():
+            names = ("b_id", "b_expected", *columns)
+            arrays = [
+                sa.bindparam(f"a_{name}", [p[name] for p in params],
+                             type_=postgresql.ARRAY(_array_item_type(name)))
+                for name in names
+            ]
+            rows = sa.func.unnest(*arrays).table_valued(*names).render_derived(name="v")
+            out.append(
+                sa.update(_JOBS)
+                .where(
+                    _JOBS.c.id == rows.c.b_id,
+                    _JOBS.c.state == rows.c.b_expected,
+                    _JOBS.c.lease_owner == worker_id,
+                )
+                .values({name: rows.c[name] for name in columns})
+            )
+        return out
+
+
+def _array_item_type(name: str) -> sa.types.TypeEngine[Any]:
+    if name in ("b_id", "b_expected"):
+        return sa.Text()
+    # ARRAY applies the item type's bind processing (UTCDateTime's checks) to each element.
+    column_type: sa.types.TypeEngine[Any] = _JOBS.c[name].type
+    return column_type
 
 
 @dataclasses.dataclass
