@@ -6,6 +6,7 @@ SasBlobToken. Messages made here never include an AccountKey or a SAS signature.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import datetime as dt
@@ -22,6 +23,11 @@ from azure.storage.blob import aio as azblob_aio
 from orchestrator import logs
 
 #: Azurite's well-known endpoint for `UseDevelopmentStorage=true`.
+#: Lifetime of the SAS the emulator makes for its own reads of an input.
+READ_SAS_LIFETIME_S = 3600
+READ_ATTEMPTS = 3
+READ_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120)
+CLIENT_CACHE_SIZE = 256
 DEV_STORAGE_URL = "http://127.0.0.1:10000/devstoreaccount1"
 DEV_STORAGE_ACCOUNT = "devstoreaccount1"
 DEV_STORAGE_KEY = (
@@ -153,6 +159,7 @@ class Storage:
     def __init__(self, *, chunk_bytes: int) -> None:
         self._chunk_bytes = chunk_bytes
         self._session: aiohttp.ClientSession | None = None
+        self._containers: dict[tuple[str | None, ...], azblob_aio.ContainerClient] = {}
 
     async def open(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -165,29 +172,74 @@ class Storage:
             self._session = None
 
     def _client(self, ref: BlobRef) -> azblob_aio.BlobClient:
-        credential: Any
+        # A container client builds the SDK pipeline once; its blob clients share it (building
+        # a pipeline per job was a sixth of the emulator's CPU in the throughput bench).
+        key = (ref.account_url, ref.account_name, ref.account_key, ref.sas_token, ref.container)
+        container = self._containers.get(key)
+        if container is None:
+            credential: Any
+            if ref.account_key and ref.account_name:
+                credential = {"account_name": ref.account_name, "account_key": ref.account_key}
+            else:
+                credential = ref.sas_token
+            container = azblob_aio.ContainerClient(
+                ref.account_url, ref.container, credential=credential,
+                transport=AioHttpTransport(session=self._session, session_owner=False),
+                max_single_get_size=self._chunk_bytes, max_chunk_get_size=self._chunk_bytes,
+                max_single_put_size=self._chunk_bytes, max_block_size=self._chunk_bytes,
+                retry_total=2, initial_backoff=0.2, increment_base=1, random_jitter_range=0.2,
+                connection_timeout=10,
+            )
+            if len(self._containers) >= CLIENT_CACHE_SIZE:
+                self._containers.pop(next(iter(self._containers)))
+            self._containers[key] = container
+        return container.get_blob_client(ref.blob)
+
+    def _read_url(self, ref: BlobRef) -> str:
         if ref.account_key and ref.account_name:
-            credential = {"account_name": ref.account_name, "account_key": ref.account_key}
+            token = azblob.generate_blob_sas(
+                ref.account_name, ref.container, ref.blob, account_key=ref.account_key,
+                permission=azblob.BlobSasPermissions(read=True),
+                expiry=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=READ_SAS_LIFETIME_S),
+            )
         else:
-            credential = ref.sas_token
-        return azblob_aio.BlobClient(
-            ref.account_url, ref.container, ref.blob, credential=credential,
-            transport=AioHttpTransport(session=self._session, session_owner=False),
-            max_single_get_size=self._chunk_bytes, max_chunk_get_size=self._chunk_bytes,
-            max_single_put_size=self._chunk_bytes, max_block_size=self._chunk_bytes,
-            retry_total=2, initial_backoff=0.2, increment_base=1, random_jitter_range=0.2,
-            connection_timeout=10,
-        )
+            token = ref.sas_token or ""
+        return f"{ref.account_url}/{ref.container}/{quote(ref.blob)}?{token}"
+
+    async def _get(self, ref: BlobRef, *, name: str) -> aiohttp.ClientResponse:
+        """GET the blob, retrying connection errors and 5xx before the first byte."""
+        assert self._session is not None
+        url = self._read_url(ref)
+        for attempt in range(READ_ATTEMPTS):
+            last = attempt == READ_ATTEMPTS - 1
+            try:
+                resp = await self._session.get(url, timeout=READ_TIMEOUT)
+            except (aiohttp.ClientError, TimeoutError):
+                if last:
+                    raise StorageError(f"{name}: cannot reach storage at {ref.account_url} to "
+                                       f"read {ref.container}/{ref.blob}") from None
+            else:
+                if resp.status < 500 or last:
+                    return resp
+                resp.release()
+            await asyncio.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     async def read(self, ref: BlobRef, *, name: str) -> AsyncIterator[bytes]:
-        """The blob's bytes in chunks of at most `chunk_bytes`."""
-        client = self._client(ref)
-        try:
-            downloader = await client.download_blob()
-            async for chunk in downloader.chunks():
-                yield chunk
-        except azure_errors.AzureError as exc:
-            raise StorageError(describe(exc, name=name, ref=ref, verb="read")) from None
+        """The blob's bytes in chunks of at most `chunk_bytes`.
+
+        Plain aiohttp with a short-lived read SAS: about 3x cheaper than the SDK's downloader
+        (DESIGN.md), and it streams just the same."""
+        async with await self._get(ref, name=name) as resp:
+            if resp.status != 200:
+                raise StorageError(describe_status(resp.status, resp.headers.get(
+                    "x-ms-error-code"), name=name, ref=ref, verb="read"))
+            try:
+                async for chunk in resp.content.iter_chunked(self._chunk_bytes):
+                    yield chunk
+            except (aiohttp.ClientError, TimeoutError):
+                raise StorageError(f"{name}: the connection to storage at {ref.account_url} "
+                                   f"broke while reading {ref.container}/{ref.blob}") from None
 
     async def write(self, ref: BlobRef, chunks: AsyncIterator[bytes], *, name: str) -> None:
         """Upload the stream: one PUT if it fits in a chunk, else staged blocks then a commit."""
@@ -215,6 +267,18 @@ class Storage:
         block_id = base64.b64encode(f"block-{index:08d}".encode()).decode()
         await client.stage_block(block_id, data)
         return block_id
+
+
+def describe_status(status: int, code: str | None, *, name: str, ref: BlobRef,
+                    verb: str) -> str:
+    if status == 404:
+        return (f"{name}: blob {ref.container}/{ref.blob} not found at {ref.account_url} "
+                f"({code or 'not found'})")
+    if status in (401, 403):
+        return (f"{name}: storage at {ref.account_url} refused the credentials to {verb} "
+                f"{ref.container}/{ref.blob}; check the AccountKey or SAS token")
+    return (f"{name}: storage at {ref.account_url} answered {status} ({code or 'no code'}) "
+            f"when asked to {verb} {ref.container}/{ref.blob}")
 
 
 def describe(exc: BaseException, *, name: str, ref: BlobRef, verb: str) -> str:
