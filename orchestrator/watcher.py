@@ -31,7 +31,7 @@ import heapq
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import watchfiles
@@ -42,8 +42,10 @@ from orchestrator import clock, config, logs
 TEMP_SUFFIXES: tuple[str, ...] = (".tmp", ".part", ".partial", ".crdownload")
 #: watchfiles batches events until STEP_MS pass without one, for at most DEBOUNCE_MS. The library
 #: defaults (1,600 / 50) delay a trickle by up to 1.6 s (DESIGN.md, measured).
-DEBOUNCE_MS = 50
+DEBOUNCE_MS = 20
 STEP_MS = 5
+#: Files handled between two yields to the event loop during a burst.
+YIELD_EVERY = 64
 #: Mode of watched folders created at start: owner and group only.
 FOLDER_MODE = 0o750
 #: Pause before re-creating the event watcher after it failed (rescans go on meanwhile).
@@ -312,9 +314,13 @@ class FolderWatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(events, relay, return_exceptions=True)
 
-    async def _emit_all(self, emit: Emit, items: list[Candidate | Rejected]) -> None:
-        for item in items:
+    async def _emit_all(self, emit: Emit, items: Iterable[Candidate | Rejected]) -> None:
+        for n, item in enumerate(items, 1):
             await emit(item)
+            if n % YIELD_EVERY == 0:
+                # A burst must not hold the loop: let the event task fetch the next batch
+                # (and the caller's claims proceed) while this one is worked through.
+                await asyncio.sleep(0)
 
     async def _sleep_until(self, deadline_s: float) -> None:
         delay = deadline_s - clock.monotonic()
@@ -362,9 +368,9 @@ class FolderWatcher:
 
     # ---- decisions applied to the state
 
-    def _on_events(self, raw_paths: set[str]) -> list[Candidate | Rejected]:
-        out: list[Candidate | Rejected] = []
-        now = clock.monotonic()
+    def _on_events(self, raw_paths: set[str]) -> Iterator[Candidate | Rejected]:
+        """Lazily, so the first file of a burst is emitted before the last one is looked at
+        (hence the clock read per file: emitting takes time)."""
         for raw in raw_paths:
             folder = self._folders.get(os.path.dirname(raw))
             if folder is None:
@@ -372,13 +378,10 @@ class FolderWatcher:
                     self._rescan_requested = True
                 continue
             name = os.path.basename(raw)
-            out.extend(self._look_and_consider(folder, name, now))
-        return out
+            yield from self._look_and_consider(folder, name, clock.monotonic())
 
-    def _on_timers(self) -> list[Candidate | Rejected]:
-        out: list[Candidate | Rejected] = []
-        now = clock.monotonic()
-        while self._heap and self._heap[0][0] <= now:
+    def _on_timers(self) -> Iterator[Candidate | Rejected]:
+        while self._heap and self._heap[0][0] <= (now := clock.monotonic()):
             _due, _seq, key = heapq.heappop(self._heap)
             self._armed.discard(key)
             entry = self._entries.get(key)
@@ -386,10 +389,9 @@ class FolderWatcher:
                 continue
             watch = self._watches[key[0]]
             folder = self._folders[self._folder_of[watch.name]]
-            look = inspect(folder.path / key[1], folder_real=folder.real,
-                           follow_symlinks=watch.follow_symlinks)
-            out.extend(self._consider(watch, folder, key[1], look, now, rescan=False))
-        return out
+            path = folder.path / key[1]
+            look = inspect(path, folder_real=folder.real, follow_symlinks=watch.follow_symlinks)
+            yield from self._consider(watch, path, look, now, rescan=False)
 
     def _next_timer_s(self) -> float:
         return self._heap[0][0] if self._heap else float("inf")
@@ -404,25 +406,24 @@ class FolderWatcher:
     def _look_and_consider(
         self, folder: _Folder, name: str, now: float
     ) -> list[Candidate | Rejected]:
+        path = folder.path / name
         out: list[Candidate | Rejected] = []
-        for watch, look in _inspect_name(folder, name):
-            out.extend(self._consider(watch, folder, name, look, now, rescan=False))
+        for watch, look in _inspect_name(folder, path):
+            out.extend(self._consider(watch, path, look, now, rescan=False))
         return out
 
     def _consider(
         self,
         watch: config.WatchConfig,
-        folder: _Folder,
-        name: str,
+        path: Path,
         look: Look | None,
         now: float,
         *,
         rescan: bool,
     ) -> list[Candidate | Rejected]:
         """Apply one look at `name` to what is known about it; return what to emit."""
-        key = (watch.name, name)
+        key = (watch.name, path.name)
         entry = self._entries.get(key)
-        path = folder.path / name
         if look is None:
             self._entries.pop(key, None)
             return []
@@ -440,7 +441,7 @@ class FolderWatcher:
             self._entries[key] = entry
         if entry.state is _State.PENDING:
             if settled(entry.sighting, look.version, now, watch.settle_s):
-                self._entries[key] = dataclasses.replace(entry, state=_State.EMITTED)
+                self._entries[key] = _Entry(sighting=entry.sighting, state=_State.EMITTED)
                 return [_candidate(watch, path, look.version)]
             self._arm(key, settle_due_s(entry.sighting, watch.settle_s))
             return []
@@ -458,9 +459,9 @@ class FolderWatcher:
                 continue
             now = clock.monotonic()
             seen: set[_Key] = set()
-            for watch, name, look in looks:
-                seen.add((watch.name, name))
-                out.extend(self._consider(watch, folder, name, look, now, rescan=True))
+            for watch, path, look in looks:
+                seen.add((watch.name, path.name))
+                out.extend(self._consider(watch, path, look, now, rescan=True))
             names = {w.name for w in folder.watches}
             for key in [k for k in self._entries if k[0] in names and k not in seen]:
                 del self._entries[key]  # gone since: claimed, moved away or deleted
@@ -473,17 +474,17 @@ def _candidate(watch: config.WatchConfig, path: Path, v: FileVersion) -> Candida
 
 
 def _inspect_name(
-    folder: _Folder, name: str
+    folder: _Folder, path: Path
 ) -> list[tuple[config.WatchConfig, Look | None]]:
-    """Inspect `name` for each watch on `folder` whose rules accept the name (blocking)."""
+    """Inspect `path` for each watch on `folder` whose rules accept its name (blocking)."""
     out: list[tuple[config.WatchConfig, Look | None]] = []
     cache: dict[bool, Look | None] = {}
     for w in folder.watches:
-        if classify_name(name, w.pattern) is not None:
+        if classify_name(path.name, w.pattern) is not None:
             continue
         if w.follow_symlinks not in cache:
             cache[w.follow_symlinks] = inspect(
-                folder.path / name, folder_real=folder.real, follow_symlinks=w.follow_symlinks
+                path, folder_real=folder.real, follow_symlinks=w.follow_symlinks
             )
         out.append((w, cache[w.follow_symlinks]))
     return out
@@ -491,14 +492,18 @@ def _inspect_name(
 
 def _scan_folder(
     folder: _Folder,
-) -> list[tuple[config.WatchConfig, str, Look | None]] | None:
+) -> list[tuple[config.WatchConfig, Path, Look | None]] | None:
     """List and inspect every acceptable name in `folder` (blocking: run in a thread)."""
     try:
         names = os.listdir(folder.path)
     except OSError as exc:
         _log.warning("watch_folder_unlistable", folder=str(folder.path), error=exc.strerror)
         return None
-    return [(w, name, look) for name in names for w, look in _inspect_name(folder, name)]
+    return [
+        (w, path, look)
+        for path in (folder.path / name for name in names)
+        for w, look in _inspect_name(folder, path)
+    ]
 
 
 def _prepared(folders: dict[str, _Folder]) -> dict[str, _Folder]:
