@@ -50,6 +50,8 @@ def emulator_process() -> Iterator[str]:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 async def one_job(i: int, *, base: str, conn: str, http: aiohttp.ClientSession,

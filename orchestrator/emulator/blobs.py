@@ -10,6 +10,7 @@ import asyncio
 import base64
 import dataclasses
 import datetime as dt
+import io
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import quote
@@ -254,7 +255,8 @@ class Storage:
                                                     bytes(buf[: self._chunk_bytes])))
                     del buf[: self._chunk_bytes]
             if not blocks:
-                await client.upload_blob(bytes(buf), overwrite=True)
+                # A stream, not bytes: aiohttp warns that a large bytes body blocks the loop.
+                await client.upload_blob(io.BytesIO(buf), length=len(buf), overwrite=True)
                 return
             if buf:
                 blocks.append(await self._stage(client, len(blocks), bytes(buf)))
@@ -265,7 +267,7 @@ class Storage:
     @staticmethod
     async def _stage(client: azblob_aio.BlobClient, index: int, data: bytes) -> str:
         block_id = base64.b64encode(f"block-{index:08d}".encode()).decode()
-        await client.stage_block(block_id, data)
+        await client.stage_block(block_id, io.BytesIO(data), length=len(data))
         return block_id
 
 
