@@ -9,6 +9,7 @@ import json
 import os
 import sqlite3
 import stat
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -567,3 +568,75 @@ async def test_history_times_truncate_to_milliseconds(repo: repository.Repositor
     [job] = await make_jobs(repo, 1, now=edge)
     [row] = await repo.history()
     assert row["created_at"] == "2026-12-31T23:59:59.999Z" == clock.iso(job.created_at)
+
+
+async def test_heartbeat_concurrent_with_batch_writes(repo: repository.Repository) -> None:
+    """A worker's heartbeat and its batch writer touch the same rows at once: no deadlock,
+    no lost write."""
+    made = await make_jobs(repo, 40)
+    now = T0 + dt.timedelta(seconds=1)
+
+    async def beat() -> None:
+        for i in range(10):
+            assert await repo.heartbeat("w1", now=now, lease_s=LEASE_S + i) == len(made)
+
+    async def write() -> None:
+        for i in range(10):
+            lost = await repo.apply(
+                [], [jobs.Reschedule(job_id=j.id, expected=S.CLAIMED, next_run_at=now,
+                                     bes_status=f"s{i}", poll_count=i) for j in reversed(made)],
+                worker_id="w1", now=now,
+            )
+            assert lost == set()
+
+    await asyncio.gather(beat(), write(), beat())
+    assert {j.poll_count for j in await repo.list_jobs()} == {9}
+
+
+CLAIMER = """
+import asyncio, datetime as dt, sys
+from orchestrator.db import repository
+
+async def main() -> None:
+    repo = await repository.Repository.open(sys.argv[1])
+    now = dt.datetime.fromisoformat(sys.argv[2])
+    await repo.count_by_state()  # connected and warm
+    print("ready", flush=True)
+    sys.stdin.readline()
+    while got := await repo.claim_due(worker_id="child", now=now, lease_s=600, limit=3):
+        print(*(j.id for j in got), flush=True)
+        await asyncio.sleep(0.002)
+    await repo.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_two_processes_on_one_sqlite_file_never_share_a_job(
+    repo: repository.Repository, database_url: str
+) -> None:
+    if not database_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL is covered by the concurrent in-process claims")
+    made = await make_jobs(repo, 120)
+    await repo.release("w1", now=T0)
+    now = T0 + dt.timedelta(seconds=1)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CLAIMER, database_url, now.isoformat(),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    assert await child.stdout.readline() == b"ready\n"
+    child.stdin.write(b"go\n")
+    await child.stdin.drain()
+    mine: list[str] = []
+    while got := await repo.claim_due(worker_id="parent", now=now, lease_s=600, limit=3):
+        mine += [j.id for j in got]
+        await asyncio.sleep(0.002)
+    out, _ = await child.communicate()
+    assert child.returncode == 0
+    theirs = out.decode().split()
+    assert mine and theirs  # both really took part
+    assert not set(mine) & set(theirs)
+    assert sorted(mine + theirs) == sorted(j.id for j in made)
+    owners = {j.id: j.lease_owner for j in await repo.list_jobs(limit=1000)}
+    assert all(owners[i] == "parent" for i in mine) and all(owners[i] == "child" for i in theirs)

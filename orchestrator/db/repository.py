@@ -66,6 +66,12 @@ class Repository:
         self._read_engine = engine.execution_options(**{db_engine.READ_ONLY: True})
         self._sqlite = db_engine.is_sqlite(engine)
         self._write_lock = asyncio.Lock() if self._sqlite else None
+        # Statements built once: values go in as parameters, so the compiled form is cached.
+        self._insert_job = (
+            self._insert(_JOBS)
+            .on_conflict_do_nothing(index_elements=[_JOBS.c.claim_key])
+            .returning(_JOBS.c.id)
+        )
 
     @classmethod
     async def open(cls, url: str, *, password: str | None = None) -> Repository:
@@ -106,6 +112,16 @@ class Repository:
         # One array parameter: one prepared statement whatever the batch size.
         return column == sa.any_(sa.bindparam("ids", list(ids), type_=postgresql.ARRAY(sa.Text)))
 
+    def _owned_by(self, worker_id: str) -> sa.ColumnElement[bool]:
+        """The active jobs leased to `worker_id`. On PostgreSQL the rows are locked in id order
+        first, the order `apply` locks them in, so a heartbeat and a batch write of the same
+        worker cannot deadlock."""
+        owned = sa.and_(_JOBS.c.lease_owner == worker_id, _JOBS.c.state.in_(_ACTIVE))
+        if self._sqlite:
+            return owned
+        locked = sa.select(_JOBS.c.id).where(owned).order_by(_JOBS.c.id).with_for_update()
+        return _JOBS.c.id.in_(locked.scalar_subquery())
+
     # -- workers and leases ----------------------------------------------------------------
     async def register_worker(
         self, worker_id: str, *, host: str, pid: int, now: dt.datetime
@@ -126,7 +142,7 @@ class Repository:
         async with self._write() as conn:
             result = await conn.execute(
                 sa.update(_JOBS)
-                .where(_JOBS.c.lease_owner == worker_id, _JOBS.c.state.in_(_ACTIVE))
+                .where(self._owned_by(worker_id))
                 .values(lease_expires_at=expires)
             )
             await conn.execute(
@@ -139,7 +155,7 @@ class Repository:
         async with self._write() as conn:
             result = await conn.execute(
                 sa.update(_JOBS)
-                .where(_JOBS.c.lease_owner == worker_id, _JOBS.c.state.in_(_ACTIVE))
+                .where(self._owned_by(worker_id))
                 .values(
                     lease_owner=None,
                     lease_expires_at=None,
@@ -160,14 +176,8 @@ class Repository:
         """Insert in CLAIMED, leased to `worker_id`, attempts 1, with a 'claimed' event.
         None if `claim_key` is taken (the file was claimed already, maybe by another host)."""
         values = _new_job_values(new, worker_id=worker_id, now=now, lease_s=lease_s)
-        stmt = (
-            self._insert(_JOBS)
-            .values(values)
-            .on_conflict_do_nothing(index_elements=[_JOBS.c.claim_key])
-            .returning(_JOBS.c.id)
-        )
         async with self._write() as conn:
-            if (await conn.execute(stmt)).first() is None:
+            if (await conn.execute(self._insert_job, values)).first() is None:
                 return None
             await conn.execute(
                 sa.insert(_EVENTS),
@@ -218,15 +228,7 @@ class Repository:
             news = [make_job(item) for item in items]
             values = [_new_job_values(n, worker_id=worker_id, now=now, lease_s=lease_s)
                       for n in news]
-            inserted = {
-                r.id
-                for r in await conn.execute(
-                    self._insert(_JOBS)
-                    .on_conflict_do_nothing(index_elements=[_JOBS.c.claim_key])
-                    .returning(_JOBS.c.id),
-                    values,
-                )
-            }
+            inserted = {r.id for r in await conn.execute(self._insert_job, values)}
             marks = await self._queue_marks(conn, items, news, inserted)
             await conn.execute(
                 sa.update(_QUEUE).where(_QUEUE.c.id == sa.bindparam("b_id")), marks
@@ -316,20 +318,10 @@ class Repository:
     ) -> jobs.Job:
         """Apply one guarded transition with its event; raise LeaseLost if no row matched.
         Terminal states free the lease."""
-        values = _transition_values(t, now)
+        params = {**_transition_values(t, now),
+                  "b_id": t.job_id, "b_expected": t.expected.value, "b_owner": worker_id}
         async with self._write() as conn:
-            row = (
-                await conn.execute(
-                    sa.update(_JOBS)
-                    .where(
-                        _JOBS.c.id == t.job_id,
-                        _JOBS.c.state == t.expected.value,
-                        _JOBS.c.lease_owner == worker_id,
-                    )
-                    .values(values)
-                    .returning(*_JOBS.c)
-                )
-            ).first()
+            row = (await conn.execute(_GUARDED_UPDATE_RETURNING, params)).first()
             if row is None:
                 raise LeaseLost(await self._lost_reason(conn, t.job_id, t.expected, worker_id))
             await conn.execute(
@@ -393,11 +385,14 @@ class Repository:
         ordered = sorted(ids)
         for start in range(0, len(ordered), _IN_CHUNK):
             chunk = ordered[start:start + _IN_CHUNK]
-            query = sa.select(_JOBS.c.id, _JOBS.c.state, _JOBS.c.bes_status).where(
-                self._id_in(_JOBS.c.id, chunk), _JOBS.c.lease_owner == worker_id
+            query = (
+                sa.select(_JOBS.c.id, _JOBS.c.state, _JOBS.c.bes_status)
+                .where(self._id_in(_JOBS.c.id, chunk), _JOBS.c.lease_owner == worker_id)
+                .order_by(_JOBS.c.id)
             )
             if not self._sqlite:
-                # Held until commit: no one can take the lease between this read and the writes.
+                # Held until commit: no one can take the lease between this read and the
+                # writes. Locked in id order, like `_owned_by`, so the two cannot deadlock.
                 query = query.with_for_update()
             for r in await conn.execute(query):
                 out[r.id] = (r.state, r.bes_status)
@@ -582,6 +577,8 @@ _TRANSITION_GUARD = sa.and_(
     _JOBS.c.state == sa.bindparam("b_expected"),
     _JOBS.c.lease_owner == sa.bindparam("b_owner"),
 )
+#: SET columns come from the parameter names (as in executemany): one cached statement.
+_GUARDED_UPDATE_RETURNING = sa.update(_JOBS).where(_TRANSITION_GUARD).returning(*_JOBS.c)
 
 
 @dataclasses.dataclass
