@@ -291,17 +291,19 @@ class Repository:
             if not picked:
                 return []
             ids = [r.id for r in picked]
-            rows = await conn.execute(
-                sa.update(_JOBS)
-                .where(self._id_in(_JOBS.c.id, ids))
-                .values(
-                    lease_owner=worker_id,
-                    lease_expires_at=now + dt.timedelta(seconds=lease_s),
-                    attempts=_JOBS.c.attempts + 1,
+            claimed: list[jobs.Job] = []
+            for chunk in _chunks(ids, _IN_CHUNK if self._sqlite else len(ids)):
+                rows = await conn.execute(
+                    sa.update(_JOBS)
+                    .where(self._id_in(_JOBS.c.id, chunk))
+                    .values(
+                        lease_owner=worker_id,
+                        lease_expires_at=now + dt.timedelta(seconds=lease_s),
+                        attempts=_JOBS.c.attempts + 1,
+                    )
+                    .returning(*_JOBS.c)
                 )
-                .returning(*_JOBS.c)
-            )
-            claimed = [_job(r._mapping) for r in rows]
+                claimed += [_job(r._mapping) for r in rows]
             takeovers = [
                 _event(r.id, now, r.state, r.state, worker_id,
                        f"lease of {r.lease_owner} expired; taken over by {worker_id}")
@@ -382,9 +384,7 @@ class Repository:
     ) -> dict[str, tuple[str, str | None]]:
         """id -> (state, bes_status) of the given jobs this worker holds, locked on PostgreSQL."""
         out: dict[str, tuple[str, str | None]] = {}
-        ordered = sorted(ids)
-        for start in range(0, len(ordered), _IN_CHUNK):
-            chunk = ordered[start:start + _IN_CHUNK]
+        for chunk in _chunks(sorted(ids), _IN_CHUNK):
             query = (
                 sa.select(_JOBS.c.id, _JOBS.c.state, _JOBS.c.bes_status)
                 .where(self._id_in(_JOBS.c.id, chunk), _JOBS.c.lease_owner == worker_id)
@@ -681,6 +681,10 @@ class _Plan:
                 )
             state[item.job_id] = (now_state[0], item.bes_status)
         return plan
+
+
+def _chunks(items: Sequence[str], size: int) -> list[Sequence[str]]:
+    return [items[i:i + size] for i in range(0, len(items), max(size, 1))]
 
 
 # -- rows <-> records ------------------------------------------------------------------------
