@@ -33,6 +33,8 @@ RELAX_PER_WINDOW = 0.10
 MIN_RATE_PER_S = 0.01
 #: Above this the cap is lifted altogether.
 MAX_RATE_PER_S = 1000.0
+#: Shortest window a rate is measured over (a 429 with Retry-After: 0 on the first call).
+MIN_SPAN_S = 0.001
 #: Longest pause honoured from one Retry-After (a broken header must not stop us for days).
 MAX_PAUSE_S = 3600.0
 
@@ -146,10 +148,10 @@ class ServiceGate:
         when Retry-After says it renews (APIM counts per fixed period)."""
         self._prune(now)
         observed = now - (self._first_seen if self._first_seen is not None else now)
-        span = min(self.window_s, observed + retry_after_s)
-        if span <= 0:
-            return MIN_RATE_PER_S
-        return len(self._successes) / span
+        span = max(MIN_SPAN_S, min(self.window_s, observed + retry_after_s))
+        # Nothing got through yet (the window was spent by others): assume one call per window,
+        # a probe, rather than a rate near zero that would stall the service.
+        return max(1, len(self._successes)) / span
 
     # ---- async shell ----------------------------------------------------------------------
 
