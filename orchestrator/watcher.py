@@ -44,6 +44,10 @@ TEMP_SUFFIXES: tuple[str, ...] = (".tmp", ".part", ".partial", ".crdownload")
 #: defaults (1,600 / 50) delay a trickle by up to 1.6 s (DESIGN.md, measured).
 DEBOUNCE_MS = 20
 STEP_MS = 5
+#: A batch this large hints that the kernel queue (16,384 events) may have overflowed…
+FLOOD_EVENTS = 4096
+#: …so the folders are rescanned this soon after it instead of waiting for rescan_s.
+FLOOD_RESCAN_S = 2.0
 #: Files handled between two yields to the event loop during a burst.
 YIELD_EVERY = 64
 #: Mode of watched folders created at start: owner and group only.
@@ -199,7 +203,7 @@ def inspect(path: Path, *, folder_real: str, follow_symlinks: bool) -> Look | No
 class _State(enum.Enum):
     #: Seen, waiting for its size and mtime to stay unchanged for settle_s.
     PENDING = "pending"
-    #: Offered to the caller, who has not said done: offered again at the next rescan.
+    #: Offered to the caller, who has not said done: offered again by a rescan rescan_s later.
     EMITTED = "emitted"
     #: The caller claimed it or gave up on it for good: not offered again while unchanged.
     DONE = "done"
@@ -212,6 +216,7 @@ class _Entry:
     sighting: Sighting
     state: _State
     reason: str = ""
+    emitted_s: float = 0.0  #: monotonic time of the last emit (EMITTED)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -231,8 +236,9 @@ class FolderWatcher:
     `run()` calls `emit` for each Candidate / Rejected, one at a time; an exception from `emit`
     ends `run()`. Tell the watcher what became of a candidate: `done(candidate)` once claimed (or
     given up for good), `forget(path)` when the claim failed and should be offered again (at the
-    next event or rescan). A candidate neither done nor forgotten is offered again at each rescan
-    while it is still there unchanged; the caller's unique claim_key makes that harmless.
+    next event or rescan). A candidate neither done nor forgotten is offered again by a rescan
+    once `rescan_s` has passed, while it is still there unchanged; the caller's unique claim_key
+    makes that harmless.
     """
 
     def __init__(self, watches: Sequence[config.WatchConfig], *, rescan_s: float = 30.0) -> None:
@@ -251,6 +257,7 @@ class FolderWatcher:
         self._seq = 0
         self._dirty: set[str] = set()
         self._rescan_requested = True
+        self._flood = False
         self._wake = asyncio.Event()
         #: Set once events are being watched and the start-up scan's files were emitted.
         self.started = asyncio.Event()
@@ -302,6 +309,11 @@ class FolderWatcher:
                     await self._emit_all(emit, await self._rescan())
                     next_rescan_s = clock.monotonic() + self._rescan_s
                     self.started.set()
+                if self._flood:
+                    # inotify may have dropped events and watchfiles does not say so (its
+                    # issue #348): look at the folders again soon rather than in rescan_s.
+                    self._flood = False
+                    next_rescan_s = min(next_rescan_s, clock.monotonic() + FLOOD_RESCAN_S)
                 if self._dirty:
                     batch, self._dirty = self._dirty, set()
                     await self._emit_all(emit, self._on_events(batch))
@@ -311,8 +323,7 @@ class FolderWatcher:
             watch_stop.set()
             relay.cancel()
             # awatch's thread notices watch_stop within STEP_MS; wait so no thread outlives run().
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(events, relay, return_exceptions=True)
+            await asyncio.gather(events, relay, return_exceptions=True)
 
     async def _emit_all(self, emit: Emit, items: Iterable[Candidate | Rejected]) -> None:
         for n, item in enumerate(items, 1):
@@ -352,6 +363,7 @@ class FolderWatcher:
                     ignore_permission_denied=True,
                 ):
                     self._dirty.update(p for _change, p in changes)
+                    self._flood = self._flood or len(changes) >= FLOOD_EVENTS
                     self._wake.set()
                     retry_s = WATCH_RETRY_S
             except Exception as exc:  # e.g. a watched folder was removed: rescans carry on
@@ -441,11 +453,14 @@ class FolderWatcher:
             self._entries[key] = entry
         if entry.state is _State.PENDING:
             if settled(entry.sighting, look.version, now, watch.settle_s):
-                self._entries[key] = _Entry(sighting=entry.sighting, state=_State.EMITTED)
+                self._entries[key] = _Entry(sighting=entry.sighting, state=_State.EMITTED,
+                                            emitted_s=now)
                 return [_candidate(watch, path, look.version)]
             self._arm(key, settle_due_s(entry.sighting, watch.settle_s))
             return []
-        if entry.state is _State.EMITTED and rescan:
+        if entry.state is _State.EMITTED and rescan and now - entry.emitted_s >= self._rescan_s:
+            # No word from the caller for a whole rescan period: offer it again.
+            self._entries[key] = dataclasses.replace(entry, emitted_s=now)
             return [_candidate(watch, path, look.version)]
         return []
 

@@ -477,3 +477,51 @@ async def test_stop_ends_run_promptly(inbox: Path) -> None:
     stop.set()
     await asyncio.wait_for(task, 2.0)
     assert time.monotonic() - t0 < 0.5
+
+
+async def test_cancelling_run_stops_promptly(inbox: Path) -> None:
+    fw = watcher.FolderWatcher([_watch(inbox)], rescan_s=30.0)
+
+    async def emit(_item: watcher.Candidate | watcher.Rejected) -> None:
+        return None
+
+    task = asyncio.create_task(fw.run(emit, asyncio.Event()))
+    await asyncio.wait_for(fw.started.wait(), 5.0)
+    t0 = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 2.0)
+    assert time.monotonic() - t0 < 0.5
+
+
+async def test_watched_folder_reached_through_a_symlink(tmp_path: Path, staging: Path) -> None:
+    real = tmp_path / "real-inbox"
+    real.mkdir()
+    link = tmp_path / "inbox-link"
+    link.symlink_to(real)
+    async with running(_watch(link, follow_symlinks=True)) as run:
+        _drop(staging, link, "via-link.csv")
+        (real / "target.csv").write_text("t")
+        (link / "inner-link.csv").symlink_to(real / "target.csv")  # inside, by its real path
+        await run.until(lambda: len(run.candidates) == 3, timeout_s=2.0)
+        assert run.names() == ["inner-link.csv", "target.csv", "via-link.csv"]
+        assert all(c.path.parent == link for c in run.candidates)
+        assert run.rejected == []
+
+
+async def test_rescan_finds_changes_that_raise_no_event(inbox: Path) -> None:
+    # A followed symlink's target lives in a subfolder, which is not watched: replacing the
+    # target raises no event in the inbox. Only the periodic rescan can see the new version.
+    store = inbox / ".store"
+    store.mkdir(parents=True)
+    (store / "data.csv").write_text("v1\n")
+    async with running(_watch(inbox, follow_symlinks=True), rescan_s=0.3) as run:
+        (inbox / "link.csv").symlink_to(store / "data.csv")
+        await run.until(lambda: len(run.candidates) == 1)
+        (store / "tmp").write_text("version two\n")
+        os.rename(store / "tmp", store / "data.csv")
+        await run.until(lambda: len(run.candidates) == 2, timeout_s=2.0)
+        first, second = run.candidates
+        assert second.path == first.path == inbox / "link.csv"
+        assert second.size == len("version two\n")
+        assert second.claim_key() != first.claim_key()
