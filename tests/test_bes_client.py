@@ -442,3 +442,33 @@ async def test_gate_relaxes_after_successes(canned: Callable[[Handler], Awaitabl
     await asyncio.sleep(0.3)
     await bes.status("abc")
     assert gate.rate_per_s is None or gate.rate_per_s > capped
+
+
+async def test_gate_adapts_to_gateway_rate_limit(session: aiohttp.ClientSession) -> None:
+    """Issue 4: after the first 429s of a window the gate adapts; later windows see at most one
+    further 429 each, and the service keeps being called at about the allowed rate."""
+    opts = emu_options.EmulatorOptions(
+        api_key=API_KEY, rate_limit=emu_options.RateLimit(calls=10, period_s=1.0))
+    async with emu_server.running(opts) as url:
+        gate = throttle.ServiceGate()  # the default 60 s window: the gateway's is unknown
+        bes = client_mod.BesClient(_service(url), session, gate=gate)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        ok: list[float] = []
+        throttled: list[float] = []
+
+        async def caller() -> None:
+            while loop.time() - t0 < 3.0:
+                try:
+                    await bes.describe()
+                    ok.append(loop.time() - t0)
+                except errors.ThrottledError:
+                    throttled.append(loop.time() - t0)
+
+        await asyncio.gather(*(caller() for _ in range(8)))
+        first_burst = [t for t in throttled if t < 0.5]  # calls in flight at the first 429
+        later = [t for t in throttled if t >= 0.5]
+        assert first_burst, "the gateway never throttled: the test proves nothing"
+        assert len(later) <= 3, f"429s after the first window: {later}"
+        assert len(ok) >= 20, f"only {len(ok)} calls got through in 3 s at 10/s allowed"
+        assert (await _stats(session, url))["http_429"] == len(throttled)
