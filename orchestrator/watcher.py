@@ -335,7 +335,7 @@ class FolderWatcher:
 
     async def _sleep_until(self, deadline_s: float) -> None:
         delay = deadline_s - clock.monotonic()
-        if delay <= 0 or self._wake.is_set():
+        if delay <= 0 or self._wake.is_set() or self._rescan_requested:
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay):
@@ -349,11 +349,13 @@ class FolderWatcher:
         self._folders = await asyncio.to_thread(_prepared, self._folders)
 
     async def _watch_events(self, watch_stop: asyncio.Event) -> None:
-        paths = [f.path for f in self._folders.values()]
+        """Feed changed paths to the loop. Re-created when it fails or when a watched folder
+        itself changes (removed, renamed, replaced): its inotify watch would be dead."""
         retry_s = WATCH_RETRY_S
         while not watch_stop.is_set():
+            paths = [f.path for f in self._folders.values()]
             try:
-                async for changes in watchfiles.awatch(
+                async with contextlib.aclosing(watchfiles.awatch(
                     *paths,
                     watch_filter=None,
                     debounce=DEBOUNCE_MS,
@@ -361,20 +363,28 @@ class FolderWatcher:
                     stop_event=watch_stop,
                     recursive=False,
                     ignore_permission_denied=True,
-                ):
-                    self._dirty.update(p for _change, p in changes)
-                    self._flood = self._flood or len(changes) >= FLOOD_EVENTS
-                    self._wake.set()
-                    retry_s = WATCH_RETRY_S
-            except Exception as exc:  # e.g. a watched folder was removed: rescans carry on
+                )) as batches:
+                    async for changes in batches:
+                        raw = {p for _change, p in changes}
+                        self._dirty.update(raw)
+                        self._flood = self._flood or len(raw) >= FLOOD_EVENTS
+                        self._wake.set()
+                        retry_s = WATCH_RETRY_S
+                        if not raw.isdisjoint(self._folders):
+                            _log.warning("watch_folder_changed",
+                                         folders=sorted(raw.intersection(self._folders)))
+                            break
+            except Exception as exc:  # e.g. a watched folder cannot be watched: rescans carry on
                 _log.warning("watch_failed", error=f"{type(exc).__name__}: {exc}",
                              retry_in_s=retry_s)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(retry_s):
                         await watch_stop.wait()
                 retry_s = min(retry_s * 2, MAX_WATCH_RETRY_S)
-                await self._prepare_folders()
-            # Events may have been lost while the watcher was down.
+            if watch_stop.is_set():
+                break
+            await self._prepare_folders()  # re-creates a removed folder
+            # Events may have been lost while no watch was in place.
             self._rescan_requested = True
             self._wake.set()
 
@@ -385,9 +395,7 @@ class FolderWatcher:
         (hence the clock read per file: emitting takes time)."""
         for raw in raw_paths:
             folder = self._folders.get(os.path.dirname(raw))
-            if folder is None:
-                if raw in self._folders:  # the folder itself changed (removed, replaced)
-                    self._rescan_requested = True
+            if folder is None:  # the folder itself: _watch_events restarts and asks a rescan
                 continue
             name = os.path.basename(raw)
             yield from self._look_and_consider(folder, name, clock.monotonic())

@@ -525,3 +525,27 @@ async def test_rescan_finds_changes_that_raise_no_event(inbox: Path) -> None:
         assert second.path == first.path == inbox / "link.csv"
         assert second.size == len("version two\n")
         assert second.claim_key() != first.claim_key()
+
+
+@pytest.mark.parametrize("how", ["removed", "renamed"])
+async def test_watch_survives_the_folder_being_removed_or_renamed(
+    inbox: Path, staging: Path, tmp_path: Path, how: str
+) -> None:
+    async with running(_watch(inbox), rescan_s=30.0) as run:
+        if how == "removed":
+            inbox.rmdir()
+        else:
+            inbox.rename(tmp_path / "inbox.old")
+        deadline = time.monotonic() + 2.0
+        while not inbox.is_dir():  # the watcher puts its folder back
+            assert time.monotonic() < deadline, "inbox not re-created"
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        if how == "renamed":
+            (tmp_path / "inbox.old" / "stray.csv").write_text("not in the inbox any more")
+        t0 = time.monotonic()
+        _drop(staging, inbox, "after.csv")
+        await run.until(lambda: len(run.candidates) == 1, timeout_s=2.0)
+        assert run.items[-1][0] - t0 < 1.0  # seen by a live watch, not a 30 s rescan
+        await asyncio.sleep(0.2)
+        assert run.names() == ["after.csv"]
