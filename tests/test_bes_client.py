@@ -472,3 +472,23 @@ async def test_gate_adapts_to_gateway_rate_limit(session: aiohttp.ClientSession)
         assert len(later) <= 3, f"429s after the first window: {later}"
         assert len(ok) >= 20, f"only {len(ok)} calls got through in 3 s at 10/s allowed"
         assert (await _stats(session, url))["http_429"] == len(throttled)
+
+
+async def test_sas_references_work_end_to_end(emulator: str, session: aiohttp.ClientSession,
+                                              store: blob.BlobStore, tmp_path: Path) -> None:
+    sas_store = blob.BlobStore(
+        config.StorageConfig(connection_string=store.storage.connection_string,
+                             container=store.container, reference="sas"), session)
+    try:
+        body = await _submit_body(sas_store, tmp_path)
+        assert "ConnectionString" not in json.dumps(body)
+        bes = client_mod.BesClient(_service(emulator), session)
+        job_id = await bes.submit(body)
+        await bes.start(job_id)
+        report = await _wait_terminal(bes, job_id)
+        assert report.status is protocol.BesStatus.FINISHED, report.details
+        dest = tmp_path / "r.csv"
+        assert await sas_store.download(report.results["output1"], dest) > 0
+        assert dest.read_text().splitlines()[1].endswith(",1,1,2,2,0,2,0,1")
+    finally:
+        await sas_store.close()

@@ -312,7 +312,7 @@ class BlobStore:
                                         auto_decompress=False) as resp:
                 if resp.status != 200:
                     raise self._download_error(resp, where)
-                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
                 total = 0
                 async for data in resp.content.iter_chunked(DOWNLOAD_CHUNK_BYTES):
