@@ -45,14 +45,3 @@ def retry_delay_s(
 def retries_exhausted(policy: config.RetryPolicy, failures: int) -> bool:
     """Transient errors never fail a job unless a limit is configured."""
     return policy.max_attempts > 0 and failures >= policy.max_attempts
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Retry-After in seconds (HTTP-date form is rare from APIM; treated as absent)."""
-    if not value:
-        return None
-    try:
-        seconds = float(value.strip())
-    except ValueError:
-        return None
-    return max(0.0, seconds)

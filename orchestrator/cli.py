@@ -1,4 +1,4 @@
-"""`bes-orchestrator`: run | run --once | demo | emulator | submit | jobs | status | migrate | config.
+"""`bes-orchestrator`: run | demo | emulator | submit | jobs | status | migrate | config.
 
 Exit codes: 0 ok, 1 a job failed (`run --once`) or a command failed, 2 usage, 78 bad
 configuration or database version (systemd's RestartPreventExitStatus=78 stops a restart loop).
@@ -19,7 +19,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator import clock, config, errors, jobs, lifecycle, logs, systemd
+from orchestrator import clock, config, errors, fsutil, jobs, lifecycle, logs, systemd
 from orchestrator.db import repository
 
 EX_CONFIG = 78
@@ -61,6 +61,19 @@ def load_settings(path: Path) -> config.Settings:
         secrets.append(settings.database.password.get())
     logs.register_secrets(secrets)
     return settings
+
+
+def ensure_sqlite_folder(settings: config.Settings) -> None:
+    """`migrate` creates the folder a SQLite database lives in (the file itself is 0600)."""
+    url = settings.database.url
+    if url.startswith("sqlite+aiosqlite:///"):
+        path = Path(url.removeprefix("sqlite+aiosqlite:///"))
+        if str(path) != ":memory:":
+            try:
+                fsutil.ensure_dir(path.parent)
+            except OSError as exc:
+                raise errors.ConfigError("database.url", f"cannot create {path.parent}: "
+                                         f"{exc.strerror}") from None
 
 
 async def open_repo(settings: config.Settings, *, check: bool = True) -> repository.Repository:
@@ -125,6 +138,12 @@ async def run_daemon(
 ) -> int:
     from orchestrator import worker as worker_mod
 
+    for folder in (settings.daemon.state_dir, settings.daemon.spool_dir):
+        try:
+            fsutil.ensure_dir(folder)
+        except OSError as exc:
+            raise errors.ConfigError("daemon.state_dir", f"cannot create {folder}: "
+                                     f"{exc.strerror}") from None
     repo = await open_repo(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -138,7 +157,7 @@ async def run_daemon(
         if echo_jobs and job.state in (
             lifecycle.JobState.CLAIMED, lifecycle.JobState.STARTED, *lifecycle.TERMINAL_STATES
         ):
-            console.print(_job_line(job), highlight=False, markup=False)
+            click.echo(_job_line(job))
         if bar is not None:
             s = w.stats
             bar.update(task_id, total=max(s.claimed, 1), completed=s.done + s.failed + s.cancelled,
@@ -203,6 +222,7 @@ def migrate(config_path: Path) -> None:
 
     settings = load_settings(config_path)
     pw = settings.database.password.get() if settings.database.password else None
+    ensure_sqlite_folder(settings)
     run_async(migrate_mod.upgrade(settings.database.url, pw))
     click.echo(f"database at revision {migrate_mod.head_revision()}")
 

@@ -191,7 +191,7 @@ class _Table:
         self.used.add(name)
         return self.data.get(name)
 
-    def str(self, name: str, default: str | None = None) -> str:
+    def text(self, name: str, default: str | None = None) -> str:
         value = self.raw(name)
         if value is None:
             if default is None:
@@ -211,7 +211,7 @@ class _Table:
             raise errors.ConfigError(self.key(name), f"must be at least {minimum:g}")
         return float(value)
 
-    def int(self, name: str, default: int, *, minimum: int = 1) -> int:
+    def whole(self, name: str, default: int, *, minimum: int = 1) -> int:
         value = self.raw(name)
         if value is None:
             return default
@@ -221,7 +221,7 @@ class _Table:
             raise errors.ConfigError(self.key(name), f"must be at least {minimum}")
         return value
 
-    def bool(self, name: str, default: bool) -> bool:
+    def flag(self, name: str, default: bool) -> bool:
         value = self.raw(name)
         if value is None:
             return default
@@ -330,7 +330,7 @@ def _retry_policy(t: _Table) -> RetryPolicy:
         initial_s=t.number("initial_s", d.initial_s, minimum=0.01),
         multiplier=t.number("multiplier", d.multiplier, minimum=1.0),
         max_s=t.number("max_s", d.max_s, minimum=0.01),
-        max_attempts=t.int("max_attempts", d.max_attempts, minimum=0),
+        max_attempts=t.whole("max_attempts", d.max_attempts, minimum=0),
     )
     t.check_unknown()
     return p
@@ -356,7 +356,7 @@ def _outputs(t: _Table, name: str) -> dict[str, str]:
 
 
 def _service(name: str, t: _Table, base: Path, state_dir: Path) -> ServiceConfig:
-    base_url = t.str("base_url")
+    base_url = t.text("base_url")
     if not base_url.startswith(("http://", "https://")):
         raise errors.ConfigError(t.key("base_url"), "must start with http:// or https://")
     api_key = t.secret("api_key")
@@ -364,15 +364,15 @@ def _service(name: str, t: _Table, base: Path, state_dir: Path) -> ServiceConfig
     svc = ServiceConfig(
         name=name,
         base_url=base_url,
-        workspace=t.str("workspace"),
-        service=t.str("service"),
+        workspace=t.text("workspace"),
+        service=t.text("service"),
         api_key=api_key,
         apim_key=t.secret("apim_key", required=False),
-        input_name=t.str("input_name", "input1"),
+        input_name=t.text("input_name", "input1"),
         extra_inputs=t.str_map("extra_inputs"),
         outputs=_outputs(t, "outputs"),
         global_parameters=t.str_map("global_parameters"),
-        max_in_flight=t.int("max_in_flight", DEFAULT_MAX_IN_FLIGHT),
+        max_in_flight=t.whole("max_in_flight", DEFAULT_MAX_IN_FLIGHT),
         job_timeout_s=t.number("job_timeout_s", DEFAULT_JOB_TIMEOUT_S, minimum=1.0),
         request_timeout_s=t.number("request_timeout_s", 60.0, minimum=0.1),
         poll=_poll_policy(t.table("poll")),
@@ -387,20 +387,20 @@ def _service(name: str, t: _Table, base: Path, state_dir: Path) -> ServiceConfig
 
 def _watch(index: int, t: _Table, base: Path, services: Mapping[str, ServiceConfig]) -> WatchConfig:
     folder = t.path("folder", base)
-    service = t.str("service")
+    service = t.text("service")
     if service not in services:
         raise errors.ConfigError(t.key("service"), f"no service named {service!r}")
     parent = folder.parent
     w = WatchConfig(
-        name=t.str("name", folder.name or f"watch{index}"),
+        name=t.text("name", folder.name or f"watch{index}"),
         folder=folder,
-        pattern=t.str("pattern", "*.csv"),
+        pattern=t.text("pattern", "*.csv"),
         service=service,
         output_dir=t.path("output_dir", base, parent / "results"),
         archive_dir=t.path("archive_dir", base, parent / "archive"),
         failed_dir=t.path("failed_dir", base, parent / "failed"),
         settle_s=t.number("settle_s", DEFAULT_SETTLE_S),
-        follow_symlinks=t.bool("follow_symlinks", False),
+        follow_symlinks=t.flag("follow_symlinks", False),
     )
     t.check_unknown()
     return w
@@ -410,7 +410,7 @@ def _storage(t: _Table) -> StorageConfig:
     cs = t.secret("connection_string")
     assert cs is not None
     d = StorageConfig(connection_string=cs)
-    reference = t.str("reference", d.reference)
+    reference = t.text("reference", d.reference)
     if reference not in ("connection_string", "sas"):
         raise errors.ConfigError(t.key("reference"), 'must be "connection_string" or "sas"')
     hosts = t.raw("allowed_result_hosts") or []
@@ -418,12 +418,12 @@ def _storage(t: _Table) -> StorageConfig:
         raise errors.ConfigError(t.key("allowed_result_hosts"), "must be a list of host names")
     s = StorageConfig(
         connection_string=cs,
-        container=t.str("container", DEFAULT_CONTAINER),
+        container=t.text("container", DEFAULT_CONTAINER),
         reference=reference,
         sas_lifetime_s=t.number("sas_lifetime_s", d.sas_lifetime_s, minimum=60.0),
-        delete_blobs_after_success=t.bool("delete_blobs_after_success", False),
-        upload_chunk_bytes=t.int("upload_chunk_bytes", d.upload_chunk_bytes, minimum=64 * 1024),
-        upload_parallelism=t.int("upload_parallelism", d.upload_parallelism),
+        delete_blobs_after_success=t.flag("delete_blobs_after_success", False),
+        upload_chunk_bytes=t.whole("upload_chunk_bytes", d.upload_chunk_bytes, minimum=64 * 1024),
+        upload_parallelism=t.whole("upload_parallelism", d.upload_parallelism),
         allowed_result_hosts=tuple(hosts),
     )
     t.check_unknown()
@@ -431,7 +431,7 @@ def _storage(t: _Table) -> StorageConfig:
 
 
 def _database(t: _Table, base: Path) -> DatabaseConfig:
-    url = t.str("url", DEFAULT_DATABASE_URL)
+    url = t.text("url", DEFAULT_DATABASE_URL)
     if not url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
         raise errors.ConfigError(
             t.key("url"), "must start with sqlite+aiosqlite:// or postgresql+asyncpg://"
@@ -457,12 +457,12 @@ def _daemon(t: _Table, base: Path) -> DaemonConfig:
         worker_id=str(worker_id),
         lease_s=t.number("lease_s", d.lease_s, minimum=1.0),
         heartbeat_s=t.number("heartbeat_s", d.heartbeat_s, minimum=0.1),
-        workers=t.int("workers", d.workers),
-        max_jobs_held=t.int("max_jobs_held", d.max_jobs_held),
-        uploads=t.int("uploads", d.uploads),
-        downloads=t.int("downloads", d.downloads),
-        http_connections=t.int("http_connections", d.http_connections),
-        max_claims=t.int("max_claims", d.max_claims),
+        workers=t.whole("workers", d.workers),
+        max_jobs_held=t.whole("max_jobs_held", d.max_jobs_held),
+        uploads=t.whole("uploads", d.uploads),
+        downloads=t.whole("downloads", d.downloads),
+        http_connections=t.whole("http_connections", d.http_connections),
+        max_claims=t.whole("max_claims", d.max_claims),
         rescan_s=t.number("rescan_s", d.rescan_s, minimum=0.5),
     )
     if daemon.heartbeat_s >= daemon.lease_s:

@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from orchestrator import azurite, cli
+from orchestrator import azurite, cli, logs
 
 API_KEY_ENV = "BES_DEMO_API_KEY"
 STORAGE_ENV = "BES_DEMO_STORAGE_CONNECTION_STRING"
@@ -30,9 +30,9 @@ EMULATOR_START_TIMEOUT_S = 20.0
 def emulator_process(api_key: str, *extra: str) -> Iterator[str]:
     """Run `python -m orchestrator.emulator` on a free port; yield its base URL."""
     cmd = [sys.executable, "-m", "orchestrator.emulator", "--host", "127.0.0.1", "--port", "0",
-           "--api-key-env", API_KEY_ENV, *extra]
+           *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                            env={**os.environ, API_KEY_ENV: api_key}, text=True)
+                            env={**os.environ, "BES_EMULATOR_API_KEY": api_key}, text=True)
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + EMULATOR_START_TIMEOUT_S
@@ -48,6 +48,8 @@ def emulator_process(api_key: str, *extra: str) -> Iterator[str]:
             raise RuntimeError("the BES emulator did not start")
         yield url
     finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
         proc.terminate()
         try:
             proc.wait(timeout=10)
@@ -109,13 +111,16 @@ def print_history(settings_path: Path) -> None:
 @click.option("--once", is_flag=True, help="Exit when the inbox is drained; print the history.")
 @click.option("--dir", "workdir", type=click.Path(path_type=Path), default=Path("demo"),
               show_default=True, help="Where the demo's inbox, results and state live.")
-def demo_command(once: bool, workdir: Path) -> None:
+@click.option("--verbose", "-v", is_flag=True, help="Show every log line, not only warnings.")
+def demo_command(once: bool, workdir: Path, verbose: bool) -> None:
     """Run the whole pipeline locally: Azurite + the BES emulator + the daemon on sample CSVs.
 
     Drop more CSVs (with a Col2 text column) into DIR/inbox while it runs; Ctrl-C stops it.
     """
     from orchestrator.db import migrate as migrate_mod
 
+    if not verbose:  # the job lines tell the story; keep log lines to warnings and errors
+        logs.configure(json=None, level="warning")
     workdir = workdir.resolve()
     inbox = workdir / "inbox"
     inbox.mkdir(parents=True, exist_ok=True)
@@ -135,6 +140,7 @@ def demo_command(once: bool, workdir: Path) -> None:
         click.echo(f"Azurite on {az.blob_endpoint}; BES emulator on {url}")
         cfg = write_config(workdir, url)
         settings = cli.load_settings(cfg)
+        cli.ensure_sqlite_folder(settings)
         cli.run_async(migrate_mod.upgrade(settings.database.url, None))
         click.echo(f"watching {inbox} — results go to {workdir / 'results'}"
                    + ("" if once else "; drop more CSVs in, Ctrl-C to stop"))

@@ -7,21 +7,14 @@ the worker. Redaction happens in one processor, so no call site can forget it.
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
 import structlog
 
-#: Values that look like secrets wherever they appear in a log value.
-_PATTERNS = [
-    re.compile(r"(?i)(sig=)[^&\s\"']+"),
-    re.compile(r"(?i)(AccountKey=)[^;\s\"']+"),
-    re.compile(r"(?i)(SharedAccessSignature=)[^;\s\"']+"),
-    re.compile(r"(?i)(Bearer\s+)[A-Za-z0-9._~+/=-]+"),
-    re.compile(r"(?i)(Ocp-Apim-Subscription-Key['\"]?\s*[:=]\s*['\"]?)[^\s,'\"}]+"),
-]
+from orchestrator import redact
+
 _known_secrets: set[str] = set()
 
 
@@ -33,12 +26,8 @@ def register_secrets(values: Iterable[str]) -> None:
 
 
 def scrub(text: str) -> str:
-    for secret in _known_secrets:
-        if secret in text:
-            text = text.replace(secret, "***")
-    for pat in _PATTERNS:
-        text = pat.sub(r"\1***", text)
-    return text
+    """Registered secrets, SAS signatures, account keys and bearer tokens become ***."""
+    return redact.redact(text, _known_secrets)
 
 
 def _redact_value(value: Any) -> Any:

@@ -36,7 +36,7 @@ def watchdog_interval_s() -> float | None:
 
 
 async def watchdog_loop() -> None:
-    """Ping from the event loop itself, so a blocked loop stops the pings and systemd restarts us."""
+    """Ping from the event loop itself: a blocked loop stops the pings, and systemd restarts us."""
     interval = watchdog_interval_s()
     if interval is None:
         return

@@ -18,6 +18,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import heapq
 import itertools
 import os
@@ -239,7 +240,9 @@ class Worker:
                 self.settings.service(job.service).retry, self._failures[job.id], rng=self._rng))
             return None
 
-    def _transient(self, job: jobs.Job, exc: errors.TransientError, bound: Any) -> steps.Fail | None:
+    def _transient(
+        self, job: jobs.Job, exc: errors.TransientError, bound: Any
+    ) -> steps.Fail | None:
         self.stats.transient_errors += 1
         self._failures[job.id] += 1
         policy = self.settings.service(job.service).retry
@@ -269,7 +272,7 @@ class Worker:
                                       poll_count=result.poll_count, next_run_at=next_run)
             self._held[job.id] = new
             self._schedule(job.id, result.delay_s)
-            fut.add_done_callback(lambda f, jid=job.id: self._on_reschedule_done(jid, f))
+            fut.add_done_callback(functools.partial(self._on_reschedule_done, job.id))
             return
         if isinstance(result, steps.Fail):
             to, message = JobState.FAILING, f"{result.code}: {result.message}"
@@ -322,7 +325,7 @@ class Worker:
                     got += await self.repo.claim_queue(
                         worker_id=self.worker_id, now=now, lease_s=d.lease_s,
                         limit=max(0, min(room - len(got), CLAIM_BATCH)),
-                        make_job=lambda item: intake.from_queue(self.settings, item))
+                        make_job=self._queue_job)
                     for job in got:
                         self._adopt(job)
                     if len(got) >= CLAIM_BATCH:
@@ -332,6 +335,9 @@ class Worker:
             self._claim_wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._claim_wake.wait(), CLAIM_INTERVAL_S)
+
+    def _queue_job(self, item: jobs.QueueItem) -> jobs.NewJob:
+        return intake.from_queue(self.settings, item)
 
     async def _heartbeat(self) -> None:
         d = self.settings.daemon
@@ -357,6 +363,8 @@ class Worker:
                 log.warning("claim_insert_retry", path=str(item.path), error=str(exc))
                 await asyncio.sleep(delay)
         else:
+            assert self._watcher is not None
+            self._watcher.forget(item.path)
             return
         assert self._watcher is not None
         self._watcher.done(item)
@@ -379,7 +387,9 @@ class Worker:
         self.ready.set()
         try:
             if self.once:
-                await self._watcher.wait_idle()
+                await self._watcher.started.wait()
+                while self._watcher.pending_count():  # noqa: ASYNC110 - no idle event to wait on
+                    await asyncio.sleep(0.05)  # files still settling
                 self._intake_done.set()
             await self._stopping.wait()
         finally:
@@ -426,7 +436,7 @@ class Worker:
                 *(asyncio.create_task(self._executor(ctx), name=f"executor-{i}")
                   for i in range(d.workers)),
             ]
-            waiters = [asyncio.create_task(stop.wait())]
+            waiters: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait())]
             if self.once:
                 waiters.append(asyncio.create_task(self._drained()))
             try:

@@ -63,6 +63,8 @@ class Context:
     #: Per-stage limits: transfers beyond these wait here, not in the storage account.
     uploads: asyncio.Semaphore
     downloads: asyncio.Semaphore
+    #: Jobs whose start call failed in transit: it may have taken effect, so check first.
+    start_uncertain: set[str] = dataclasses.field(default_factory=set)
     rng: random.Random = dataclasses.field(default_factory=random.Random)
 
     def service(self, name: str) -> config.ServiceConfig:

@@ -16,7 +16,9 @@ from orchestrator.bes import protocol
 from orchestrator.storage import naming
 
 
-def result_path(job: jobs.Job, service: config.ServiceConfig, output: str, ref_location: str) -> Path:
+def result_path(
+    job: jobs.Job, service: config.ServiceConfig, output: str, ref_location: str
+) -> Path:
     ext = PurePosixPath(ref_location).suffix.lower() or service.outputs.get(output, ".csv")
     return naming.safe_child(
         Path(job.output_dir), naming.result_file_name(job.input_name, output, ext)

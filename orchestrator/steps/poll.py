@@ -33,7 +33,7 @@ def decide(
     if status is protocol.BesStatus.CANCELLED:
         return steps.Fail(
             code="BesJobCancelled",
-            message=f"the BES job was cancelled outside this daemon: {report.details or ''}".strip(),
+            message=f"the BES job was cancelled outside this daemon: {report.details}".strip(),
             fields={"bes_status": status.value},
         )
     delay = backoff.poll_delay_s(service.poll, job.poll_count, rng=ctx.rng)

@@ -5,7 +5,6 @@ nothing, and the retry submits again."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
 from typing import Any
 
 from orchestrator import clock, config, jobs, lifecycle, steps
@@ -15,13 +14,13 @@ from orchestrator.storage import naming
 
 
 def submit_body(job: jobs.Job, service: config.ServiceConfig, ctx: steps.Context) -> dict[str, Any]:
-    inputs: dict[str, Mapping[str, Any]] = {
+    inputs: dict[str, dict[str, Any]] = {
         service.input_name: ctx.blobs.reference(upload.input_blob(job, service.input_name),
                                                 write=False)
     }
     for name, location in service.extra_inputs.items():
         container, _, blob_name = location.strip("/").partition("/")
-        inputs[name] = ctx.blobs.reference_in(container, blob_name, write=False)
+        inputs[name] = ctx.blobs.reference_for(container, blob_name, write=False)
     outputs = {
         name: ctx.blobs.reference(naming.output_blob_name(job.id, name, ext), write=True)
         for name, ext in service.outputs.items()

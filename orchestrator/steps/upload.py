@@ -5,6 +5,7 @@ A repeated upload after a crash overwrites the same blob: harmless.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from orchestrator import errors, jobs, lifecycle, steps
@@ -18,7 +19,7 @@ def input_blob(job: jobs.Job, input_name: str) -> str:
 async def run(job: jobs.Job, ctx: steps.Context) -> steps.StepResult:
     service = ctx.service(job.service)
     path = Path(job.input_path)
-    if not path.exists():
+    if not await asyncio.to_thread(path.exists):
         raise errors.PermanentError(f"input {path} is missing from the spool", code="InputVanished")
     async with ctx.uploads:
         size = await ctx.blobs.upload_file(path, input_blob(job, service.input_name))
