@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
+import sqlalchemy as sa
 from azure.storage.blob import BlobServiceClient
 
 from orchestrator import azurite as azurite_mod
@@ -42,17 +46,39 @@ def check_hashed(path: Path, texts: list[str], bits: int = 3) -> None:
         assert [int(float(v)) for v in row[first:]] == want, text
 
 
+def view_rows(db_url: str) -> list[dict[str, Any]]:
+    """`select * from job_history` with the database's own driver, as a report tool would."""
+    url = sa.make_url(db_url)
+    if url.get_backend_name() == "sqlite":
+        con = sqlite3.connect(str(url.database))
+        con.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in con.execute("select * from job_history")]
+        finally:
+            con.close()
+
+    async def pg() -> list[dict[str, Any]]:
+        con = await asyncpg.connect(url.set(drivername="postgresql").render_as_string(False))
+        try:
+            return [dict(r) for r in await con.fetch("select * from job_history")]
+        finally:
+            await con.close()
+
+    return asyncio.run(pg())
+
+
 def test_published_vector_is_what_the_emulator_computes() -> None:
     got = hashing.feature_counts("This is a good day", bits=3, ngrams=2)
     assert got == [1, 1, 2, 2, 0, 2, 0, 1]
 
 
 def test_files_dropped_give_exact_results_and_history(
-    tmp_path: Path, azurite: azurite_mod.Azurite
+    tmp_path: Path, azurite: azurite_mod.Azurite, database_url: str
 ) -> None:
     with harness.emulator("--run-time-s", "0.1,0.5") as emu:
         s = harness.make_setup(tmp_path, emulator_url=emu.url,
-                               storage_connection_string=azurite.connection_string)
+                               storage_connection_string=azurite.connection_string,
+                               db_url=database_url)
         s.cli("migrate")
         names = [f"reviews {i} é.csv" for i in range(6)]
         for n in names:  # present before start
@@ -68,10 +94,9 @@ def test_files_dropped_give_exact_results_and_history(
         stats = emu.stats()
         assert stats["submits"] == 6 and stats["starts"] == 6
         assert stats["double_starts"] == 0
-        # The documented view, through plain sqlite3.
-        con = sqlite3.connect(tmp_path / "state.db")
-        con.row_factory = sqlite3.Row
-        rows = con.execute("select * from job_history").fetchall()
+        # The documented view, through the plain driver (sqlite3 / asyncpg), not our code.
+        rows = view_rows(database_url)
+        assert len(rows) == 6
         cols = set(rows[0].keys())
         assert {"job_id", "input_path", "input_sha256", "service", "state", "bes_job_id",
                 "bes_status", "attempts", "created_at", "submitted_at", "started_at",
@@ -84,10 +109,13 @@ def test_files_dropped_give_exact_results_and_history(
             assert len(r["input_sha256"]) == 64
 
 
-def test_missing_column_fails_with_details(tmp_path: Path, azurite: azurite_mod.Azurite) -> None:
+def test_missing_column_fails_with_details(
+    tmp_path: Path, azurite: azurite_mod.Azurite, database_url: str
+) -> None:
     with harness.emulator() as emu:
         s = harness.make_setup(tmp_path, emulator_url=emu.url,
-                               storage_connection_string=azurite.connection_string)
+                               storage_connection_string=azurite.connection_string,
+                               db_url=database_url)
         s.cli("migrate")
         s.drop("nocol.csv", csv_text(["hello"], column="Text"))
         s.drop("good.csv", csv_text(TEXTS))
@@ -103,10 +131,13 @@ def test_missing_column_fails_with_details(tmp_path: Path, azurite: azurite_mod.
         assert hist["good.csv"]["state"] == "done"
 
 
-def test_queue_table_submission(tmp_path: Path, azurite: azurite_mod.Azurite) -> None:
+def test_queue_table_submission(
+    tmp_path: Path, azurite: azurite_mod.Azurite, database_url: str
+) -> None:
     with harness.emulator() as emu:
         s = harness.make_setup(tmp_path, emulator_url=emu.url,
                                storage_connection_string=azurite.connection_string,
+                               db_url=database_url,
                                service={"output_dir": "qresults", "archive_dir": "qarchive",
                                         "failed_dir": "qfailed"})
         s.cli("migrate")
@@ -126,12 +157,12 @@ def test_queue_table_submission(tmp_path: Path, azurite: azurite_mod.Azurite) ->
 
 
 def test_growing_file_is_taken_only_when_settled(
-    tmp_path: Path, azurite: azurite_mod.Azurite
+    tmp_path: Path, azurite: azurite_mod.Azurite, database_url: str
 ) -> None:
     with harness.emulator() as emu:
         s = harness.make_setup(tmp_path, emulator_url=emu.url,
                                storage_connection_string=azurite.connection_string,
-                               watch={"settle_s": 1.0})
+                               db_url=database_url, watch={"settle_s": 1.0})
         s.cli("migrate")
         s.inbox.mkdir()
         daemon = s.start_daemon()
@@ -153,12 +184,12 @@ def test_growing_file_is_taken_only_when_settled(
 
 
 def test_restart_mid_run_resumes_without_double_start(
-    tmp_path: Path, azurite: azurite_mod.Azurite
+    tmp_path: Path, azurite: azurite_mod.Azurite, database_url: str
 ) -> None:
     with harness.emulator("--run-time-s", "1.5,2.5") as emu:
         s = harness.make_setup(tmp_path, emulator_url=emu.url,
                                storage_connection_string=azurite.connection_string,
-                               service={"max_in_flight": 4})
+                               db_url=database_url, service={"max_in_flight": 4})
         s.cli("migrate")
         for i in range(12):
             s.drop(f"r{i}.csv", csv_text(TEXTS[:1]))
@@ -179,7 +210,7 @@ def test_restart_mid_run_resumes_without_double_start(
 
 
 def test_multi_input_output_and_global_parameters_reach_the_service(
-    tmp_path: Path, azurite: azurite_mod.Azurite
+    tmp_path: Path, azurite: azurite_mod.Azurite, database_url: str
 ) -> None:
     blobs = BlobServiceClient.from_connection_string(azurite.connection_string)
     container = blobs.get_container_client("bes-lookup")
@@ -189,7 +220,7 @@ def test_multi_input_output_and_global_parameters_reach_the_service(
     with harness.emulator("--inputs", "input1,lookup", "--outputs", "output1,summary") as emu:
         s = harness.make_setup(
             tmp_path, emulator_url=emu.url, storage_connection_string=azurite.connection_string,
-            service={"extra_inputs": {"lookup": "bes-lookup/lookup.csv"},
+            db_url=database_url, service={"extra_inputs": {"lookup": "bes-lookup/lookup.csv"},
                      "outputs": {"output1": ".csv", "summary": ".csv"},
                      "global_parameters": {"Hashing bitsize": "4"}})
         s.cli("migrate")
@@ -204,11 +235,13 @@ def test_multi_input_output_and_global_parameters_reach_the_service(
         assert harness.API_KEY not in body and "AccountKey=Eby8" not in body
 
 
-def test_job_timeout_cancels_the_bes_job(tmp_path: Path, azurite: azurite_mod.Azurite) -> None:
+def test_job_timeout_cancels_the_bes_job(
+    tmp_path: Path, azurite: azurite_mod.Azurite, database_url: str
+) -> None:
     with harness.emulator("--run-time-s", "60") as emu:
         s = harness.make_setup(tmp_path, emulator_url=emu.url,
                                storage_connection_string=azurite.connection_string,
-                               service={"job_timeout_s": 2})
+                               db_url=database_url, service={"job_timeout_s": 2})
         s.cli("migrate")
         s.drop("slow.csv", csv_text(TEXTS[:1]))
         proc = s.cli("run", "--once", check=False, timeout=60)
@@ -235,8 +268,11 @@ def test_bad_config_exits_78_naming_the_key(tmp_path: Path) -> None:
     assert proc.returncode == 78 and "services.svc.api_key_env" in proc.stderr
 
 
-def test_run_refuses_unmigrated_database(tmp_path: Path, azurite: azurite_mod.Azurite) -> None:
+def test_run_refuses_unmigrated_database(
+    tmp_path: Path, azurite: azurite_mod.Azurite, database_url: str
+) -> None:
     s = harness.make_setup(tmp_path, emulator_url="http://127.0.0.1:1",
-                           storage_connection_string=azurite.connection_string)
+                           storage_connection_string=azurite.connection_string,
+                           db_url=database_url)
     proc = s.cli("run", "--once", check=False)
     assert proc.returncode == 78 and "migrate" in proc.stderr
