@@ -6,56 +6,20 @@ review CSVs, and runs the daemon on it. Children are stopped on every exit path.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.resources
+import json
 import os
 import secrets
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import click
 from rich.table import Table
 
 from orchestrator import azurite, cli, logs
+from orchestrator.emulator import process
 
 API_KEY_ENV = "BES_DEMO_API_KEY"
 STORAGE_ENV = "BES_DEMO_STORAGE_CONNECTION_STRING"
-EMULATOR_START_TIMEOUT_S = 20.0
-
-
-@contextlib.contextmanager
-def emulator_process(api_key: str, *extra: str) -> Iterator[str]:
-    """Run `python -m orchestrator.emulator` on a free port; yield its base URL."""
-    cmd = [sys.executable, "-m", "orchestrator.emulator", "--host", "127.0.0.1", "--port", "0",
-           *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                            env={**os.environ, "BES_EMULATOR_API_KEY": api_key}, text=True)
-    try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + EMULATOR_START_TIMEOUT_S
-        url = ""
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if "listening on" in line:
-                url = line.strip().rsplit(" ", 1)[-1]
-                break
-        if not url:
-            raise RuntimeError("the BES emulator did not start")
-        yield url
-    finally:
-        if proc.stdout is not None:
-            proc.stdout.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def write_config(workdir: Path, base_url: str) -> Path:
@@ -97,13 +61,13 @@ settle_s = 0.5
 def print_history(settings_path: Path) -> None:
     settings = cli.load_settings(settings_path)
     rows = cli.run_async(cli.with_repo(settings, lambda r: r.history(limit=50)))
-    table = Table("job", "input", "state", "BES job", "duration s", "outputs / error")
+    table = Table("job", "input", "state", "s", "result files (in results/) or error")
     for row in rows:
-        outputs = row.get("outputs") or "{}"
+        outputs = json.loads(row.get("outputs") or "{}")
+        names = ", ".join(Path(p).name for p in outputs.values())
         table.add_row(str(row["job_id"])[:8], str(row["input_name"]), str(row["state"]),
-                      str(row["bes_job_id"] or "")[:8],
                       f"{row['duration_s']:.1f}" if row.get("duration_s") is not None else "",
-                      str(row.get("error") or outputs))
+                      str(row.get("error") or names))
     cli.console.print(table)
 
 
@@ -133,8 +97,9 @@ def demo_command(once: bool, workdir: Path, verbose: bool) -> None:
             tmp.rename(inbox / sample.name)
     api_key = secrets.token_urlsafe(24)
     click.echo(f"demo folder: {workdir}")
-    with azurite.running() as az, emulator_process(api_key, "--run-time-s", "1,3",
-                                                   "--queue-delay-s", "0,1") as url:
+    with azurite.running() as az, process.spawn(
+        "--run-time-s", "1,3", "--queue-delay-s", "0,1", env={process.API_KEY_ENV: api_key}
+    ) as (url, _):
         os.environ[STORAGE_ENV] = az.connection_string
         os.environ[API_KEY_ENV] = api_key
         click.echo(f"Azurite on {az.blob_endpoint}; BES emulator on {url}")
@@ -149,4 +114,4 @@ def demo_command(once: bool, workdir: Path, verbose: bool) -> None:
             print_history(cfg)
             click.echo(f"results in {workdir / 'results'}; history: "
                        f"sqlite3 {workdir / 'state' / 'state.db'} 'select * from job_history'")
-    sys.exit(code if once else 0)
+    raise SystemExit(code if once else 0)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.emulator import process
+
 API_KEY = "test-api-key-QWERTY0123456789"
 APIM_KEY = "test-apim-key-ZXCVB9876543210"
 API_KEY_ENV = "BES_TEST_API_KEY"
@@ -58,28 +60,14 @@ class Emulator:
 
 @contextlib.contextmanager
 def emulator(*args: str, port: int = 0) -> Iterator[Emulator]:
-    cmd = [sys.executable, "-m", "orchestrator.emulator", "--host", "127.0.0.1",
-           "--port", str(port), *args]
-    env = {**os.environ, "BES_EMULATOR_API_KEY": API_KEY}
-    if "--apim" in args:  # harness shorthand: act as an APIM gateway with the test key
-        cmd.remove("--apim")
-        env["BES_EMULATOR_APIM_KEY"] = APIM_KEY
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-                            env=env)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "listening on" in line, f"emulator did not start: {line!r}"
-        yield Emulator(url=line.strip().rsplit(" ", 1)[-1], proc=proc, args=list(args))
-    finally:
-        if proc.stdout is not None:
-            proc.stdout.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """The emulator as a child process, checking our test API key; `--apim` (a harness
+    shorthand) also makes it an APIM gateway checking the test subscription key."""
+    env = {process.API_KEY_ENV: API_KEY}
+    if "--apim" in args:
+        args = tuple(a for a in args if a != "--apim")
+        env[process.APIM_KEY_ENV] = APIM_KEY
+    with process.spawn(*args, port=port, env=env) as (url, proc):
+        yield Emulator(url=url, proc=proc, args=list(args))
 
 
 def toml_value(v: Any) -> str:
