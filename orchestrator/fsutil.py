@@ -8,8 +8,9 @@ import errno
 import hashlib
 import os
 import shutil
-import uuid
 from pathlib import Path
+
+from orchestrator.storage import naming
 
 #: Folders the daemon creates: owner and group only (inputs and results may be sensitive).
 DIR_MODE = 0o750
@@ -45,7 +46,7 @@ def move_durable(src: Path, dst: Path) -> None:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.part")
+        tmp = naming.temp_name(dst)
         try:
             with open(src, "rb") as fin, open(
                 os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb"
@@ -69,7 +70,7 @@ def move_durable(src: Path, dst: Path) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temp name, fsync, rename: a reader sees the old file or the whole new one."""
     ensure_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
+    tmp = naming.temp_name(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         with open(fd, "w", encoding="utf-8") as f:
@@ -81,6 +82,16 @@ def write_text_atomic(path: Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     fsync_dir(path.parent)
+
+
+def remove_stale_temps(final: Path) -> int:
+    """Remove what a killed attempt left while writing `final`; returns how many."""
+    removed = 0
+    for tmp in naming.stale_temps(final):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed += 1
+    return removed
 
 
 def sha256_file(path: Path) -> tuple[str, int]:

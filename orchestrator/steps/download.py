@@ -48,6 +48,8 @@ async def run(job: jobs.Job, ctx: steps.Context) -> steps.StepResult:
     total = 0
     for name, ref in sorted(refs.items()):
         dest = result_path(job, service, name, ref.relative_location)
+        if job.attempts > 1:  # resumed: a killed attempt may have left a hidden temp file
+            await asyncio.to_thread(fsutil.remove_stale_temps, dest)
         async with ctx.downloads:
             total += await ctx.blobs.download(ref, dest)
         outputs[name] = str(dest)

@@ -12,7 +12,7 @@ import contextlib
 from pathlib import Path
 
 from orchestrator import clock, errors, fsutil, jobs, lifecycle, steps
-from orchestrator.steps import upload
+from orchestrator.steps import download, upload
 from orchestrator.storage import naming
 
 
@@ -49,12 +49,30 @@ def error_text(job: jobs.Job, state: lifecycle.JobState) -> str:
     return " ".join(lines) + "\n"
 
 
-def _fail_files(job: jobs.Job, state: lifecycle.JobState) -> str | None:
+def _fail_files(job: jobs.Job, state: lifecycle.JobState,
+                outputs: dict[str, str]) -> str | None:
     folder = Path(job.failed_dir)
     where = _move_input(job, folder)
     name = naming.error_file_name(Path(where).name if where else job.input_name)
-    fsutil.write_text_atomic(naming.safe_child(folder, name), error_text(job, state))
+    error_file = naming.safe_child(folder, name)
+    if job.attempts > 1:  # resumed: a killed attempt may have left hidden temp files
+        fsutil.remove_stale_temps(error_file)
+        for dest in outputs.values():
+            fsutil.remove_stale_temps(Path(dest))
+    fsutil.write_text_atomic(error_file, error_text(job, state))
     return where
+
+
+def _result_paths(job: jobs.Job, ctx: steps.Context) -> dict[str, str]:
+    """Where this job's results would have gone (a failed download may have left temps)."""
+    service = ctx.settings.services.get(job.service)
+    if service is None:
+        return {}
+    paths = {}
+    for name, ext in service.outputs.items():
+        with contextlib.suppress(errors.PermanentError):
+            paths[name] = str(download.result_path(job, service, name, f"x{ext}"))
+    return paths
 
 
 async def done(job: jobs.Job, ctx: steps.Context) -> steps.StepResult:
@@ -74,7 +92,8 @@ async def done(job: jobs.Job, ctx: steps.Context) -> steps.StepResult:
 
 
 async def fail(job: jobs.Job, ctx: steps.Context) -> steps.StepResult:
-    where = await asyncio.to_thread(_fail_files, job, lifecycle.JobState.FAILED)
+    where = await asyncio.to_thread(_fail_files, job, lifecycle.JobState.FAILED,
+                                    _result_paths(job, ctx))
     return steps.Advance(
         to=lifecycle.JobState.FAILED,
         message=f"input moved to {where or '(input was gone)'}",
@@ -85,7 +104,8 @@ async def fail(job: jobs.Job, ctx: steps.Context) -> steps.StepResult:
 async def cancel(job: jobs.Job, ctx: steps.Context) -> steps.StepResult:
     if job.bes_job_id is not None:
         await ctx.client(job.service).cancel(job.bes_job_id)
-    where = await asyncio.to_thread(_fail_files, job, lifecycle.JobState.CANCELLED)
+    where = await asyncio.to_thread(_fail_files, job, lifecycle.JobState.CANCELLED,
+                                    _result_paths(job, ctx))
     return steps.Advance(
         to=lifecycle.JobState.CANCELLED,
         message=f"cancelled; input moved to {where or '(input was gone)'}",

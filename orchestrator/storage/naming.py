@@ -7,6 +7,7 @@ names, so every one is checked to stay inside its folder.
 
 from __future__ import annotations
 
+import os
 import secrets
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -86,13 +87,31 @@ def safe_child(folder: Path, name: str) -> Path:
     return folder / _check_component(name, "file name")
 
 
-def temp_name(final: Path) -> Path:
-    """A hidden, unique temporary name in the same folder (so the final rename is atomic)."""
+def _temp_prefix(final: Path) -> str:
     name = final.name
     encoded = name.encode("utf-8", "surrogateescape")
     if len(encoded) > _TEMP_STEM_MAX_BYTES:
         name = encoded[:_TEMP_STEM_MAX_BYTES].decode("utf-8", "ignore")
-    return final.with_name(f".{name}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
+    return f".{name}."
+
+
+def temp_name(final: Path) -> Path:
+    """A hidden, unique temporary name in the same folder (so the final rename is atomic),
+    never longer than NAME_MAX_BYTES whatever the final name's length."""
+    return final.with_name(f"{_temp_prefix(final)}{secrets.token_hex(6)}{TEMP_SUFFIX}")
+
+
+def stale_temps(final: Path) -> list[Path]:
+    """Temp files an earlier, killed attempt left for `final` (a SIGKILL skips every
+    clean-up). Scans the folder: callers do it only when a job is being resumed."""
+    prefix = _temp_prefix(final)
+    try:
+        with os.scandir(final.parent) as it:
+            return [final.parent / e.name for e in it
+                    if e.name.startswith(prefix) and e.name.endswith(TEMP_SUFFIX)
+                    and len(e.name) == len(prefix) + 12 + len(TEMP_SUFFIX)]
+    except FileNotFoundError:
+        return []
 
 
 def is_temp_name(name: str) -> bool:
