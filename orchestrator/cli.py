@@ -397,3 +397,69 @@ def _attach_optional_commands() -> None:
 
 
 _attach_optional_commands()
+
+
+# ------------------------------------------------------------------------------------------
+# db copy
+
+
+@main.group(name="db")
+def db_group() -> None:
+    """Database maintenance: copy a job history to another database."""
+
+
+def _env_password(option: str, name: str | None) -> str | None:
+    if name is None:
+        return None
+    import os
+
+    value = os.environ.get(name)
+    if not value:
+        fail(f"{option}: environment variable {name} is not set", EX_CONFIG)
+    logs.register_secrets([value])
+    return value
+
+
+@db_group.command(name="copy")
+@click.option("--from", "from_url", metavar="URL",
+              help="The source database URL; default: database.url of the config file.")
+@click.option("--to", "to_url", metavar="URL", required=True,
+              help="The target database URL (e.g. postgresql+asyncpg://host/db); migrated to "
+                   "this program's schema if needed, and it must hold no jobs.")
+@click.option("--from-password-env", metavar="NAME",
+              help="Environment variable with the source database's password.")
+@click.option("--to-password-env", metavar="NAME",
+              help="Environment variable with the target database's password.")
+@click.option("--config", "-c", "config_path", type=click.Path(path_type=Path),
+              envvar="BES_ORCHESTRATOR_CONFIG",
+              help="Take the source (URL and password) from this configuration file.")
+def db_copy(from_url: str | None, to_url: str, from_password_env: str | None,
+            to_password_env: str | None, config_path: Path | None) -> None:
+    """Copy jobs, events and the queue table into a new, empty database (stop the daemons
+    first). Workers and leases are not copied: active jobs are resumed by the next daemon."""
+    from sqlalchemy import exc as sa_exc
+
+    from orchestrator.db import copy as copy_mod
+    from orchestrator.db import engine as db_engine
+
+    from_pw = _env_password("--from-password-env", from_password_env)
+    if from_url is None:
+        if config_path is None:
+            fail("give --from URL or --config FILE for the source database", 2)
+        settings = load_settings(config_path)
+        from_url = settings.database.url
+        if from_pw is None and settings.database.password:
+            from_pw = settings.database.password.get()
+    to_pw = _env_password("--to-password-env", to_password_env)
+    for option, url in (("--from", from_url), ("--to", to_url)):
+        try:
+            db_engine.parse_url(url)
+        except (ValueError, sa_exc.ArgumentError) as exc:
+            fail(f"{option}: {exc}", 2)
+    try:
+        counts = run_async(copy_mod.copy_history(
+            from_url, to_url, source_password=from_pw, target_password=to_pw))
+    except sa_exc.SQLAlchemyError as exc:
+        fail(f"database error: {type(exc).__name__}: {exc.args[0] if exc.args else ''}")
+    click.echo(f"copied {counts.jobs} jobs, {counts.events} events, {counts.queue} queue rows "
+               f"from {db_engine.safe_url(from_url)} to {db_engine.safe_url(to_url)}")
