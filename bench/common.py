@@ -165,10 +165,13 @@ class Sampler:
 
 
 def start_py_spy(pid: int, svg: Path, *, extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    """Sample `pid` with py-spy; a `.txt` output is collapsed stacks (`--format raw`, for
+    `summarize_profile`), anything else a flame graph SVG."""
     svg.parent.mkdir(parents=True, exist_ok=True)
+    fmt = ["--format", "raw"] if svg.suffix == ".txt" else []
     return subprocess.Popen(
         [str(PY_SPY), "record", "--pid", str(pid), "-o", str(svg), "--rate", "50",
-         "--nonblocking", *extra],
+         "--nonblocking", *fmt, *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
@@ -190,3 +193,23 @@ def py_spy_available() -> bool:
 
 def count_files(folder: Path, pattern: str = "*") -> int:
     return sum(1 for _ in folder.glob(pattern)) if folder.exists() else 0
+
+
+def summarize_profile(collapsed: Path, top: int = 25) -> list[tuple[str, float]]:
+    """Inclusive share of samples per function (file:function) from py-spy's raw output."""
+    totals: dict[str, int] = {}
+    all_samples = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not count_text.isdigit():
+            continue
+        count = int(count_text)
+        all_samples += count
+        seen = set()
+        for frame in stack.split(";"):
+            name = frame.split(" (")[0] + " " + frame.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1]
+            if name not in seen:
+                seen.add(name)
+                totals[name] = totals.get(name, 0) + count
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+    return [(k, round(100 * v / max(all_samples, 1), 1)) for k, v in ranked]
