@@ -1,12 +1,15 @@
 """Intake latency: time from a file's rename into the inbox to its claim.
 
     .venv/bin/python bench/intake.py [--burst 1000] [--trickle 200] [--rate 50] [--dir DIR]
+    .venv/bin/python bench/intake.py --daemon   # the whole daemon: Azurite, emulator, `run`
 
 Prints one JSON line: {"bench": "intake", "burst_p50_ms": …, "burst_p99_ms": …,
 "trickle_p50_ms": …, "trickle_p99_ms": …, "missed": 0, "duplicates": 0}.
 Targets: p50 ≤ 50 ms, p99 ≤ 200 ms, none missed.
 
-Here "claim" is the folder watcher's emit (settle_s = 0). The measuring loop (`measure_burst`,
+Here "claim" is the folder watcher's emit (settle_s = 0); with `--daemon` it is the daemon's
+`input_claimed` log line (written once the job row is committed), from a real `run` process
+with settle_s = 0 that also pushes every claimed file through the emulator meanwhile. The measuring loop (`measure_burst`,
 `measure_trickle`) only needs an async `wait_for_claim(path) -> monotonic time of the claim`, so
 the same loop can measure the whole daemon (DB row in, file moved to the spool).
 
@@ -224,6 +227,104 @@ async def bench_watcher(
     return report(b, t, duplicates=claims.duplicates)
 
 
+class DaemonClaims:
+    """Claims of a daemon process, read from its JSON log: `input_claimed` lines carry the path
+    and a UTC wall-clock timestamp, turned into this process's monotonic clock."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self.claimed_at: dict[Path, float] = {}
+        self.duplicates = 0
+        self._waiters: dict[Path, asyncio.Future[float]] = {}
+        self._offset = time.time() - time.monotonic()
+
+    async def tail(self, stop: asyncio.Event) -> None:
+        import datetime as dt
+
+        pos = 0
+        buf = b""
+        while not stop.is_set():
+            with open(self.log, "rb") as f:
+                f.seek(pos)
+                data = f.read()
+            pos += len(data)
+            buf += data
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                if b"input_claimed" not in line:
+                    continue
+                rec = json.loads(line)
+                if rec.get("event") != "input_claimed":
+                    continue
+                wall = dt.datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00"))
+                t = wall.timestamp() - self._offset
+                path = Path(rec["path"])
+                if path in self.claimed_at:
+                    self.duplicates += 1
+                    continue
+                self.claimed_at[path] = t
+                waiter = self._waiters.pop(path, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(t)
+            await asyncio.sleep(0.005)
+
+    async def wait_for_claim(self, path: Path) -> float:
+        if path in self.claimed_at:
+            return self.claimed_at[path]
+        waiter = self._waiters.setdefault(path, asyncio.get_running_loop().create_future())
+        return await waiter
+
+
+async def _daemon_phases(
+    root: Path, log: Path, *, burst: int, trickle: int, rate_per_s: float, timeout_s: float
+) -> dict[str, object]:
+    claims = DaemonClaims(log)
+    stop = asyncio.Event()
+    task = asyncio.create_task(claims.tail(stop))
+    try:
+        inbox, staging = root / "inbox", root / "staging"
+        b = await measure_burst(staging, inbox, claims.wait_for_claim, count=burst,
+                                timeout_s=timeout_s)
+        t = await measure_trickle(staging, inbox, claims.wait_for_claim, count=trickle,
+                                  rate_per_s=rate_per_s, timeout_s=timeout_s)
+        await asyncio.sleep(0.5)
+    finally:
+        stop.set()
+        await task
+    return report(b, t, duplicates=claims.duplicates, mode="daemon")
+
+
+def bench_daemon(
+    root: Path, *, burst: int, trickle: int, rate_per_s: float, timeout_s: float
+) -> dict[str, object]:
+    """The whole daemon (`run`) with settle_s 0, against Azurite and a zero-time emulator."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import common
+
+    with common.azurite() as az, common.emulator("--seed", "1") as emu:
+        setup = common.make_setup(
+            root / "daemon", emu=emu, az=az,
+            service={"max_in_flight": 2000,
+                     "poll": {"initial_s": 0.25, "multiplier": 1.5, "max_s": 2.0,
+                              "jitter": 0.1}},
+        )
+        setup.inbox.mkdir(parents=True, exist_ok=True)
+        proc = common.start_daemon(setup)
+        log = setup.root / "daemon.log"
+        try:
+            setup.drop("warmup.csv", _CONTENT)  # intake is up once this one is claimed
+            deadline = time.monotonic() + 60
+            while b"input_claimed" not in log.read_bytes():
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"the daemon did not claim a file: {log.read_text()}")
+                time.sleep(0.05)
+            time.sleep(1.0)
+            return asyncio.run(_daemon_phases(setup.root, log, burst=burst, trickle=trickle,
+                                              rate_per_s=rate_per_s, timeout_s=timeout_s))
+        finally:
+            common.stop_daemon(proc)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--burst", type=int, default=1000, help="files renamed in at once")
@@ -231,8 +332,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--rate", type=float, default=50.0, help="trickle rate, files per second")
     ap.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="per phase, s")
     ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp dir)")
+    ap.add_argument("--daemon", action="store_true",
+                    help="measure the whole daemon process, not the watcher alone")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-intake-", dir=args.dir) as root:
+        if args.daemon:
+            print(json.dumps(bench_daemon(Path(root), burst=args.burst, trickle=args.trickle,
+                                          rate_per_s=args.rate, timeout_s=args.timeout)))
+            return
         result = asyncio.run(bench_watcher(Path(root), burst=args.burst, trickle=args.trickle,
                                            rate_per_s=args.rate, timeout_s=args.timeout))
     print(json.dumps(result))
