@@ -43,7 +43,13 @@ async def run(job: jobs.Job, ctx: steps.Context) -> steps.StepResult:
     refs = await _refs(job, ctx)
     if not refs:
         raise errors.PermanentError("BES finished but returned no outputs", code="NoResults")
-    await asyncio.to_thread(fsutil.ensure_dir, Path(job.output_dir))
+    try:
+        await asyncio.to_thread(fsutil.ensure_dir, Path(job.output_dir))
+    except OSError as exc:
+        raise errors.PermanentError(
+            f"cannot create the output folder {job.output_dir}: {exc.strerror}",
+            code="ResultUnwritable",
+        ) from None
     outputs: dict[str, str] = {}
     total = 0
     for name, ref in sorted(refs.items()):
