@@ -6,7 +6,7 @@ Three runs at once, each against its own emulator (`--run-time-s T`), so each em
 `polls` counter belongs to one client:
 - the seed's way: start, then poll every 1 s (the baseline);
 - the daemon (`run --once`) with the default PollPolicy (2 s, ×1.6, cap 30 s, jitter 0.1);
-- the daemon with a recommended policy (default 4 s, ×1.1, cap 30 s, jitter 0.05).
+- the daemon with a recommended policy (default 5 s, ×1.1, cap 30 s, jitter 0.05).
 "Seen late" = time of the daemon's `job_remote_finished` log line − (its `job_started` line +
 T). The started line is written after the start call returns, so lateness is overstated by a
 few ms, never understated. Also prints each policy's jitter-free schedule for T.
@@ -101,7 +101,7 @@ async def seed_client(emu: common.Emulator, conn: str) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run-time", type=float, default=120.0)
-    ap.add_argument("--recommended", default="4,1.1,30", help="initial_s,multiplier,max_s")
+    ap.add_argument("--recommended", default="5,1.1,30", help="initial_s,multiplier,max_s")
     args = ap.parse_args()
     t = args.run_time
     i, m, c = (float(x) for x in args.recommended.split(","))
