@@ -72,8 +72,8 @@ def ensure_sqlite_folder(settings: config.Settings) -> None:
             try:
                 fsutil.ensure_dir(path.parent)
             except OSError as exc:
-                raise errors.ConfigError("database.url", f"cannot create {path.parent}: "
-                                         f"{exc.strerror}") from None
+                fail(str(errors.ConfigError("database.url", f"cannot create {path.parent}: "
+                                                f"{exc.strerror}")), EX_CONFIG)
 
 
 async def open_repo(settings: config.Settings, *, check: bool = True) -> repository.Repository:

@@ -111,4 +111,5 @@ def free_name(folder: Path, name: str, short_id: str) -> Path:
     if not plain.exists():
         return plain
     p = Path(name)
-    return folder / f"{p.stem}.{short_id}{p.suffix}"
+    tail = f".{short_id}{p.suffix}"
+    return folder / f"{naming.fit(p.stem, tail)}{tail}"

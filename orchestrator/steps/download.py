@@ -56,9 +56,15 @@ async def run(job: jobs.Job, ctx: steps.Context) -> steps.StepResult:
         dest = result_path(job, service, name, ref.relative_location)
         if job.attempts > 1:  # resumed: a killed attempt may have left a hidden temp file
             await asyncio.to_thread(fsutil.remove_stale_temps, dest)
+        # Two inputs of the same name: the second result must not replace the first.
+        p = PurePosixPath(job.input_name)
+        tail = f".{job.short_id}{p.suffix}"
+        alt = dest.with_name(naming.result_file_name(f"{naming.fit(p.stem, tail)}{tail}", name,
+                                                     dest.suffix))
         async with ctx.downloads:
-            total += await ctx.blobs.download(ref, dest)
-        outputs[name] = str(dest)
+            size, landed = await ctx.blobs.download_unique(ref, dest, alt)
+        total += size
+        outputs[name] = str(landed)
     return steps.Advance(
         to=lifecycle.JobState.DOWNLOADED,
         message=f"downloaded {len(outputs)} output(s), {total} bytes",

@@ -18,7 +18,8 @@ from orchestrator.storage import naming
 
 def _candidates(folder: Path, job: jobs.Job) -> list[Path]:
     p = Path(job.input_name)
-    return [folder / f"{p.stem}.{job.short_id}{p.suffix}", folder / job.input_name]
+    tail = f".{job.short_id}{p.suffix}"  # as fsutil.free_name chooses it
+    return [folder / f"{naming.fit(p.stem, tail)}{tail}", folder / job.input_name]
 
 
 def _move_input(job: jobs.Job, folder: Path) -> str | None:

@@ -13,6 +13,7 @@ import base64
 import contextlib
 import dataclasses
 import datetime as dt
+import filecmp
 import io
 import os
 import urllib.parse
@@ -297,7 +298,17 @@ class BlobStore:
         )
 
     async def download(self, ref: protocol.ResultRef, dest: Path) -> int:
-        """Fetch a result to `dest` atomically; returns the byte count."""
+        """Fetch a result to `dest` atomically (replacing it); returns the byte count."""
+        total, _ = await self.download_unique(ref, dest, None)
+        return total
+
+    async def download_unique(self, ref: protocol.ResultRef, dest: Path, alt: Path | None
+                              ) -> tuple[int, Path]:
+        """Fetch a result atomically; returns the byte count and where it landed.
+
+        With `alt`, a different file already at `dest` (another job's result for an input of
+        the same name) is never replaced: the result goes to `alt` instead. A file with the
+        same bytes is kept as it is (a repeat after a crash, or identical results)."""
         self.check_result_url(ref)
         where = redact.redact_url(ref.public_url)
         timeout = aiohttp.ClientTimeout(
@@ -327,9 +338,9 @@ class BlobStore:
                         code="Truncated",
                     )
             owned, fd = fd, None  # _commit closes it, whatever happens
-            await asyncio.to_thread(self._commit, owned, tmp, dest)
+            landed = await asyncio.to_thread(self._commit, owned, tmp, dest, alt)
             committed = True
-            return total
+            return total, landed
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise errors.TransientError(
                 f"download of {where} failed: {type(exc).__name__}", code="DownloadFailed"
@@ -346,14 +357,26 @@ class BlobStore:
                     os.unlink(tmp)
 
     @staticmethod
-    def _commit(fd: int, tmp: Path, dest: Path) -> None:
+    def _commit(fd: int, tmp: Path, dest: Path, alt: Path | None) -> Path:
         """fsync the data, close, rename into place, fsync the folder: never a partial file."""
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, dest)
+        if alt is None:
+            os.replace(tmp, dest)
+        else:
+            try:
+                os.link(tmp, dest)  # never over an existing file
+                os.unlink(tmp)
+            except FileExistsError:
+                if filecmp.cmp(tmp, dest, shallow=False):
+                    os.unlink(tmp)
+                else:
+                    os.replace(tmp, alt)
+                    dest = alt
         _fsync_dir(dest.parent)
+        return dest
 
     def _download_error(self, resp: aiohttp.ClientResponse, where: str
                         ) -> errors.OrchestratorError:

@@ -71,13 +71,24 @@ def result_file_name(input_file_name: str, output_name: str, ext: str) -> str:
     _check_component(input_file_name, "input file name")
     _check_component(output_name, "output name")
     stem = PurePosixPath(input_file_name).stem or input_file_name
-    return _check_component(f"{stem}.{output_name}{_check_ext(ext)}", "result file name")
+    tail = f".{output_name}{_check_ext(ext)}"
+    return _check_component(fit(stem, tail) + tail, "result file name")
 
 
 def error_file_name(input_name: str) -> str:
     """`<input name>.error.txt`, written beside the input in the failed folder."""
     _check_component(input_name, "input file name")
-    return _check_component(f"{input_name}{ERROR_SUFFIX}", "error file name")
+    return _check_component(fit(input_name, ERROR_SUFFIX) + ERROR_SUFFIX, "error file name")
+
+
+def fit(stem: str, tail: str) -> str:
+    """`stem`, cut (at a character boundary) so that `stem + tail` fits in NAME_MAX_BYTES:
+    a 255-byte input name still gets its result and error files."""
+    room = NAME_MAX_BYTES - len(tail.encode("utf-8", "surrogateescape"))
+    encoded = stem.encode("utf-8", "surrogateescape")
+    if len(encoded) <= room:
+        return stem
+    return encoded[:max(room, 0)].decode("utf-8", "ignore")
 
 
 def safe_child(folder: Path, name: str) -> Path:
