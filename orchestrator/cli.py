@@ -451,11 +451,13 @@ def db_copy(from_url: str | None, to_url: str, from_password_env: str | None,
         if from_pw is None and settings.database.password:
             from_pw = settings.database.password.get()
     to_pw = _env_password("--to-password-env", to_password_env)
-    for option, url in (("--from", from_url), ("--to", to_url)):
+    for option, url, pw in (("--from", from_url, from_pw), ("--to", to_url, to_pw)):
         try:
-            db_engine.parse_url(url)
+            parsed = db_engine.parse_url(url)
         except (ValueError, sa_exc.ArgumentError) as exc:
             fail(f"{option}: {exc}", 2)
+        if pw is not None and parsed.get_backend_name() == "sqlite":
+            fail(f"{option}: a SQLite database has no password", 2)
     try:
         counts = run_async(copy_mod.copy_history(
             from_url, to_url, source_password=from_pw, target_password=to_pw))

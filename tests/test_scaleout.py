@@ -372,9 +372,18 @@ def test_db_copy_moves_a_sqlite_history_and_refuses_a_non_empty_target(
     assert [(j.id, j.state, j.attempts) for j in after["claimable"]] == [
         ("b" * 32, lifecycle.JobState.CLAIMED, 2)]
     # A second copy would mix two histories: refused, nothing written.
-    proc = copy_cli("--from", source_url, "--to", target_url)
+    proc = copy_cli("--from", source_url, "--to", target_url,
+                    "--to-password-env", DB_PASSWORD_ENV)
+    assert proc.returncode == 78 and DB_PASSWORD_ENV in proc.stderr  # the variable is unset
+    src.env[DB_PASSWORD_ENV] = DB_PASSWORD
+    proc = copy_cli("--from", source_url, "--to", target_url,
+                    "--to-password-env", DB_PASSWORD_ENV)
+    if not is_pg(target_url):
+        assert proc.returncode == 2 and "SQLite database has no password" in proc.stderr
+        proc = copy_cli("--from", source_url, "--to", target_url)
     assert proc.returncode == 1
     assert "already has" in proc.stderr and "empty database" in proc.stderr
+    assert DB_PASSWORD not in proc.stdout + proc.stderr
     assert len(asyncio.run(_read_target(target_url))["jobs"]) == 2
     # A missing source is an error, not a new empty file.
     proc = copy_cli("--from", f"sqlite+aiosqlite:///{tmp_path / 'nope.db'}", "--to", target_url)
