@@ -58,6 +58,9 @@ class EmulatorOptions:
     retry_after_s: int = DEFAULT_RETRY_AFTER_S
     int_status: bool = False
     sas_lifetime_s: float = DEFAULT_SAS_LIFETIME_S
+    #: Tests of the client's trust boundary: Results name this base URL instead of the
+    #: account the output was written to (POST /_emulator/config only).
+    results_base_url: str | None = None
     slow_response_s: tuple[float, float] = (0.0, 0.0)
     #: Block size for staged uploads and download chunks: bounds memory per running job.
     #: 1 MiB: aiohttp warns (an error under pytest) about larger bytes bodies, which the SDK
@@ -141,7 +144,7 @@ _INTS = {"max_running", "retry_after_s", "chunk_bytes"}
 _FLOATS = {"sas_lifetime_s"}
 _BOOLS = {"int_status"}
 _STRINGS = {"failure_details", "default_model"}
-_OPTIONAL_STRINGS = {"api_key", "apim_key"}
+_OPTIONAL_STRINGS = {"api_key", "apim_key", "results_base_url"}
 _NAME_LISTS = {"inputs", "outputs"}
 
 

@@ -544,8 +544,12 @@ class Emulator:
             )
             await self.storage.write(out_ref, chunks, name=out_name)
         lifetime = self.options.sas_lifetime_s
-        return {name: blobs.result_reference(ref, lifetime_s=lifetime)
-                for name, ref in job.outputs.items()}
+        results = {name: blobs.result_reference(ref, lifetime_s=lifetime)
+                   for name, ref in job.outputs.items()}
+        if self.options.results_base_url:  # a trust-boundary test: point somewhere else
+            for ref_body in results.values():
+                ref_body["BaseLocation"] = self.options.results_base_url.rstrip("/") + "/"
+        return results
 
     # -- introspection -----------------------------------------------------------------------
 
