@@ -13,7 +13,7 @@ import pytest
 from orchestrator import azurite as azurite_mod
 
 #: The PostgreSQL server CI starts (trust auth). Override with BES_TEST_PG.
-PG_ADMIN_DSN = os.environ.get("BES_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+PG_ADMIN_DSN = os.environ.get("BES_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 @pytest.fixture(scope="session")
