@@ -91,6 +91,24 @@ class RunResult:
     cpu_s: float  #: user + system of the daemon process (its children are not counted)
     max_rss_mb: float
     output: str
+    began_wall: float  #: time.time() when the process was launched
+
+    def timeline(self, log: Path) -> dict[str, float]:
+        """Seconds from launch to the first and last log line of each event."""
+        import datetime as dt
+        import json
+
+        first: dict[str, float] = {}
+        last: dict[str, float] = {}
+        for line in log.read_text().splitlines():
+            with contextlib.suppress(ValueError, KeyError):
+                rec = json.loads(line)
+                ts = dt.datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00"))
+                t = round(ts.timestamp() - self.began_wall, 3)
+                first.setdefault(rec["event"], t)
+                last[rec["event"]] = t
+        return {**{f"first_{k}": v for k, v in first.items()},
+                **{f"last_{k}": v for k, v in last.items()}}
 
 
 def daemon_cmd(setup: Setup, *args: str, log_level: str = "info") -> list[str]:
@@ -99,20 +117,22 @@ def daemon_cmd(setup: Setup, *args: str, log_level: str = "info") -> list[str]:
 
 
 def run_once(setup: Setup, *, timeout_s: float = 600.0, log_level: str = "info",
-             profile_svg: Path | None = None) -> RunResult:
+             profile_svg: Path | None = None, profile_gil: bool = False) -> RunResult:
     """`run --once` as a child; wall time, CPU and peak RSS from wait4 (the kernel's own count).
 
     With `profile_svg`, py-spy samples the daemon while it runs (adds a few % CPU to the box,
-    none to the daemon's own count)."""
+    none to the daemon's own count). `profile_gil`: only samples holding the GIL, i.e. the
+    daemon's Python CPU time, not its threads waiting on fsync or sockets."""
     log_path = setup.root / "daemon.log"
     with open(log_path, "ab") as log:
+        began_wall = time.time()
         began = time.perf_counter()
         proc = subprocess.Popen(daemon_cmd(setup, "--once", log_level=log_level),
                                 env=setup.env, stdout=log, stderr=subprocess.STDOUT,
                                 cwd=setup.root, start_new_session=True)
     spy = None
     if profile_svg is not None:
-        spy = start_py_spy(proc.pid, profile_svg)
+        spy = start_py_spy(proc.pid, profile_svg, extra=["--gil"] if profile_gil else [])
     deadline = began + timeout_s
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -129,7 +149,8 @@ def run_once(setup: Setup, *, timeout_s: float = 600.0, log_level: str = "info",
     if spy is not None:
         stop_py_spy(spy)
     return RunResult(rc=proc.returncode, wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime,
-                     max_rss_mb=usage.ru_maxrss / 1024, output=log_path.read_text()[-4000:])
+                     max_rss_mb=usage.ru_maxrss / 1024, output=log_path.read_text()[-4000:],
+                     began_wall=began_wall)
 
 
 def start_daemon(setup: Setup, *, log_level: str = "info") -> subprocess.Popen[bytes]:

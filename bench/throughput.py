@@ -89,6 +89,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--log-level", default="info")
     ap.add_argument("--profile", type=Path, default=None, help="py-spy SVG of the daemon")
+    ap.add_argument("--profile-gil", action="store_true", help="profile GIL holders only")
     args = ap.parse_args()
     content = common.make_csv(args.size)
     with tempfile.TemporaryDirectory(prefix="bench-throughput-") as tmp, \
@@ -108,7 +109,7 @@ def main() -> None:
         )
         common.stage_inputs(setup.inbox, args.files, content)
         res = common.run_once(setup, timeout_s=900, log_level=args.log_level,
-                              profile_svg=args.profile)
+                              profile_svg=args.profile, profile_gil=args.profile_gil)
         polls = emu.stats()["polls"]
         done = common.count_files(setup.results, "*.csv")
     if res.rc != 0 or done != args.files:
