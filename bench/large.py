@@ -3,7 +3,7 @@
     .venv/bin/python bench/large.py [--mib 1024]
 
 Baseline (same run, same Azurite, same file): the blob SDK's `upload_blob` from an open file,
-chunked (4 MiB blocks, the daemon's `upload_chunk_bytes`) with 4 parallel transfers (its
+chunked (`--chunk-mib`, default 4 MiB blocks, the daemon's `upload_chunk_bytes`) with 4 parallel transfers (its
 `upload_parallelism`). Then the daemon runs `run --once` on the same file against the emulator
 with the identity model (the result is the input, byte for byte, so the download is 1 GiB too).
 Daemon upload rate = size / (its `job_uploaded` log time − its `job_accepted` log time);
@@ -28,7 +28,7 @@ from azure.storage.blob import aio as azblob_aio
 
 import common
 
-CHUNK = 4 * 1024 * 1024
+DEFAULT_CHUNK_MIB = 4  #: the daemon's default upload_chunk_bytes
 
 
 def write_input(path: Path, mib: int) -> str:
@@ -47,9 +47,9 @@ def write_input(path: Path, mib: int) -> str:
     return h.hexdigest()
 
 
-async def raw_upload(path: Path, conn: str) -> float:
+async def raw_upload(path: Path, conn: str, chunk: int) -> float:
     async with azblob_aio.BlobServiceClient.from_connection_string(
-            conn, max_block_size=CHUNK, max_single_put_size=CHUNK) as svc:
+            conn, max_block_size=chunk, max_single_put_size=chunk) as svc:
         c = svc.get_container_client("raw")
         await c.create_container()
         with open(path, "rb") as f:
@@ -72,19 +72,22 @@ def _events(log: Path) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mib", type=int, default=1024)
+    ap.add_argument("--chunk-mib", type=int, default=DEFAULT_CHUNK_MIB,
+                    help="block size, for both the SDK baseline and the daemon")
     args = ap.parse_args()
+    chunk = args.chunk_mib * 2**20
     size = args.mib * 2**20
     with tempfile.TemporaryDirectory(prefix="bench-large-") as tmp, common.azurite() as az, \
             common.emulator("--model", "identity", "--seed", "1") as emu:
         root = Path(tmp)
         src = root / "big.csv"
         digest = write_input(src, args.mib)
-        raw_s = asyncio.run(raw_upload(src, az.connection_string))
+        raw_s = asyncio.run(raw_upload(src, az.connection_string, chunk))
         setup = common.make_setup(
             root / "daemon", emu=emu, az=az,
             service={"poll": {"initial_s": 0.5, "multiplier": 1.3, "max_s": 2.0, "jitter": 0.1},
                      "request_timeout_s": 300.0},
-            storage={"upload_chunk_bytes": CHUNK, "upload_parallelism": 4},
+            storage={"upload_chunk_bytes": chunk, "upload_parallelism": 4},
         )
         setup.inbox.mkdir(parents=True, exist_ok=True)
         os.rename(src, setup.inbox / "big.csv")
@@ -104,7 +107,7 @@ def main() -> None:
     down_s = ev["job_downloaded"] - ev["job_remote_finished"]
     mb = size / 1e6
     print(json.dumps({
-        "bench": "large", "mib": args.mib,
+        "bench": "large", "mib": args.mib, "chunk_mib": args.chunk_mib,
         "raw_upload_mb_s": round(mb / raw_s, 1), "daemon_upload_mb_s": round(mb / up_s, 1),
         "upload_ratio": round(raw_s / up_s, 3), "target_ratio": 0.9,
         "daemon_download_mb_s": round(mb / down_s, 1), "result_identical": out_ok,
