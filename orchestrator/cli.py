@@ -270,6 +270,7 @@ def job_dict(job: jobs.Job) -> dict[str, Any]:
         "input_name": job.input_name, "input_path": job.input_path,
         "input_sha256": job.input_sha256, "bes_job_id": job.bes_job_id,
         "bes_status": job.bes_status, "attempts": job.attempts, "runs": job.runs,
+        "resubmits": job.resubmits,
         "created_at": clock.iso(job.created_at), "submitted_at": clock.iso(job.submitted_at),
         "started_at": clock.iso(job.started_at), "finished_at": clock.iso(job.finished_at),
         "outputs": dict(job.outputs), "error": job.error, "error_code": job.error_code,

@@ -27,6 +27,16 @@ DEFAULT_MAX_IN_FLIGHT = 20
 DEFAULT_JOB_TIMEOUT_S = 24 * 3600.0
 DEFAULT_OUTPUT_EXTENSION = ".csv"
 OUTPUT_EXTENSIONS = (".csv", ".tsv", ".arff", ".ilearner")
+#: Text in a failed BES job's Details that means the environment failed, not the input: such
+#: a job is submitted again (up to max_resubmits) instead of failing. Case-insensitive.
+DEFAULT_RESUBMIT_ON = (
+    "cannot reach storage",  # the emulator, storage unreachable while the job ran
+    "Unable to connect to the remote server",  # Azure ML classic, storage or network down
+    "The remote server returned an error: (503)",
+    "The remote server returned an error: (500)",
+    "Operation could not be completed within the specified time",  # storage timeout
+)
+DEFAULT_MAX_RESUBMITS = 3
 
 
 class Secret:
@@ -91,6 +101,8 @@ class ServiceConfig:
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     job_timeout_s: float = DEFAULT_JOB_TIMEOUT_S
     request_timeout_s: float = 60.0
+    resubmit_on: tuple[str, ...] = DEFAULT_RESUBMIT_ON
+    max_resubmits: int = DEFAULT_MAX_RESUBMITS
     poll: PollPolicy = dataclasses.field(default_factory=PollPolicy)
     retry: RetryPolicy = dataclasses.field(default_factory=RetryPolicy)
     #: Where results of queue-table jobs for this service go (watches name their own).
@@ -355,6 +367,15 @@ def _outputs(t: _Table, name: str) -> dict[str, str]:
     return out
 
 
+def _str_list(t: _Table, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    raw = t.raw(name)
+    if raw is None:
+        return default
+    if not isinstance(raw, list) or not all(isinstance(x, str) and x for x in raw):
+        raise errors.ConfigError(t.key(name), "must be a list of non-empty strings")
+    return tuple(raw)
+
+
 def _service(name: str, t: _Table, base: Path, state_dir: Path) -> ServiceConfig:
     base_url = t.text("base_url")
     if not base_url.startswith(("http://", "https://")):
@@ -375,6 +396,8 @@ def _service(name: str, t: _Table, base: Path, state_dir: Path) -> ServiceConfig
         max_in_flight=t.whole("max_in_flight", DEFAULT_MAX_IN_FLIGHT),
         job_timeout_s=t.number("job_timeout_s", DEFAULT_JOB_TIMEOUT_S, minimum=1.0),
         request_timeout_s=t.number("request_timeout_s", 60.0, minimum=0.1),
+        resubmit_on=_str_list(t, "resubmit_on", DEFAULT_RESUBMIT_ON),
+        max_resubmits=t.whole("max_resubmits", DEFAULT_MAX_RESUBMITS, minimum=0),
         poll=_poll_policy(t.table("poll")),
         retry=_retry_policy(t.table("retry")),
         output_dir=t.path("output_dir", base, state_dir / "results" / name),

@@ -35,6 +35,8 @@ class Job:
     attempts: int  #: times a daemon took this job in this run (crash-loop guard counts these)
     runs: int  #: 1 + how many times `jobs retry` ran it again
     poll_count: int
+    #: BES jobs submitted again after a failure the environment caused (`resubmit_on`).
+    resubmits: int
     cancel_requested: bool
     lease_owner: str | None
     lease_expires_at: dt.datetime | None

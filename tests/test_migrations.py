@@ -60,15 +60,29 @@ async def test_empty_version_table_means_no_schema(database_url: str) -> None:
         await repo.close()
 
 
-def test_older_known_revision_is_reported_as_behind(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Only one revision exists so far: pretend the head moved on to check the message.
-    monkeypatch.setattr(migrate, "head_revision", lambda: "0002")
+def test_older_known_revision_is_reported_as_behind() -> None:
     with pytest.raises(errors.DatabaseVersionError, match=r"at revision 0001.*needs 0002.*migrate"):
         migrate.check_revision("0001")
 
 
+async def test_database_at_0001_is_behind_then_upgrades(database_url: str) -> None:
+    await migrate.upgrade(database_url, revision="0001")
+    repo = await repository.Repository.open(database_url)
+    try:
+        with pytest.raises(errors.DatabaseVersionError, match="migrate"):
+            await repo.check_schema()
+    finally:
+        await repo.close()
+    await migrate.upgrade(database_url)
+    repo = await repository.Repository.open(database_url)
+    try:
+        await repo.check_schema()
+    finally:
+        await repo.close()
+
+
 def test_head_revision() -> None:
-    assert migrate.head_revision() == "0001"
+    assert migrate.head_revision() == "0002"
     assert migrate.MIGRATIONS_DIR.joinpath("env.py").is_file()
     assert migrate.INI_PATH.is_file()
 

@@ -84,6 +84,7 @@ jobs = sa.Table(
     sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
     sa.Column("runs", sa.Integer(), nullable=False, server_default="1"),
     sa.Column("poll_count", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("resubmits", sa.Integer(), nullable=False, server_default="0"),
     sa.Column("cancel_requested", sa.Boolean(), nullable=False, server_default=sa.false()),
     sa.Column("lease_owner", sa.String(200), nullable=True),
     sa.Column("lease_expires_at", UTCDateTime(), nullable=True),

@@ -10,6 +10,32 @@ from orchestrator.bes import protocol
 DEADLINE_SLACK_S = 0.5
 
 
+def environmental(details: str, service: config.ServiceConfig) -> bool:
+    """Pure: does the failure say the environment (storage, network) failed, not the input?"""
+    text = details.lower()
+    return any(pattern.lower() in text for pattern in service.resubmit_on)
+
+
+def resubmit(
+    job: jobs.Job, report: protocol.StatusReport, service: config.ServiceConfig
+) -> steps.Advance:
+    """Back to ACCEPTED: the input is uploaded again (waiting out a storage outage through the
+    upload step's transient retries) and a new BES job is submitted. The failed BES job is
+    over, so nothing is started twice."""
+    n = job.resubmits + 1
+    return steps.Advance(
+        to=lifecycle.JobState.ACCEPTED,
+        message=(
+            f"BES job {job.bes_job_id} failed because of its environment ({report.details});"
+            f" submitting again ({n} of {service.max_resubmits})"
+        ),
+        fields={
+            "resubmits": n, "bes_job_id": None, "bes_status": report.status.value,
+            "poll_count": 0, "submitted_at": None, "started_at": None, "deadline_at": None,
+        },
+    )
+
+
 def decide(
     job: jobs.Job, report: protocol.StatusReport, service: config.ServiceConfig, ctx: steps.Context
 ) -> steps.StepResult:
@@ -24,6 +50,9 @@ def decide(
                 "result_refs": {n: r.public_url for n, r in report.results.items()},
             },
         )
+    if status is protocol.BesStatus.FAILED and environmental(report.details, service):
+        if job.resubmits < service.max_resubmits:
+            return resubmit(job, report, service)
     if status is protocol.BesStatus.FAILED:
         return steps.Fail(
             code="BesJobFailed",
