@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from pathlib import Path
 
 import pytest
 
@@ -17,8 +18,8 @@ NOW = dt.datetime(2026, 11, 27, tzinfo=dt.UTC)
 def service(**kw: object) -> config.ServiceConfig:
     return config.ServiceConfig(
         name="svc", base_url="http://127.0.0.1:1", workspace="w", service="s",
-        api_key=config.Secret("k" * 10), output_dir=config.Path("/o"),
-        archive_dir=config.Path("/a"), failed_dir=config.Path("/f"), **kw)  # type: ignore[arg-type]
+        api_key=config.Secret("k" * 10), output_dir=Path("/o"),
+        archive_dir=Path("/a"), failed_dir=Path("/f"), **kw)  # type: ignore[arg-type]
 
 
 def job(**kw: object) -> jobs.Job:
