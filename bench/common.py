@@ -228,7 +228,8 @@ def summarize_profile(collapsed: Path, top: int = 25) -> list[tuple[str, float]]
         all_samples += count
         seen = set()
         for frame in stack.split(";"):
-            name = frame.split(" (")[0] + " " + frame.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1]
+            func, _, where = frame.partition(" (")
+            name = func + " " + where.split(":")[0].rsplit("/", 1)[-1]
             if name not in seen:
                 seen.add(name)
                 totals[name] = totals.get(name, 0) + count

@@ -66,7 +66,7 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(s[min(len(s) - 1, int(q / 100 * len(s)))], 3)
 
 
-def main() -> None:  # noqa: C901 - one linear script
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--jobs", type=int, default=10_000)
     ap.add_argument("--ramp", type=float, default=60.0)

@@ -9,7 +9,8 @@ Targets: p50 ≤ 50 ms, p99 ≤ 200 ms, none missed.
 
 Here "claim" is the folder watcher's emit (settle_s = 0); with `--daemon` it is the daemon's
 `input_claimed` log line (written once the job row is committed), from a real `run` process
-with settle_s = 0 that also pushes every claimed file through the emulator meanwhile. The measuring loop (`measure_burst`,
+with settle_s = 0 that also pushes every claimed file through the emulator meanwhile.
+The measuring loop (`measure_burst`,
 `measure_trickle`) only needs an async `wait_for_claim(path) -> monotonic time of the claim`, so
 the same loop can measure the whole daemon (DB row in, file moved to the spool).
 
@@ -244,7 +245,7 @@ class DaemonClaims:
         pos = 0
         buf = b""
         while not stop.is_set():
-            with open(self.log, "rb") as f:
+            with open(self.log, "rb") as f:  # noqa: ASYNC230 - a small tail read
                 f.seek(pos)
                 data = f.read()
             pos += len(data)

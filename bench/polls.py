@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-
 import common
 
 CONTENT = b"Col1,Col2\n1,This is a good day\n"
@@ -81,7 +80,8 @@ async def seed_client(emu: common.Emulator, conn: str) -> dict[str, Any]:
         c = blobs.get_container_client("seed")
         await c.create_container()
         await c.upload_blob("in.csv", CONTENT)
-        body = {"Inputs": {"input1": {"ConnectionString": conn, "RelativeLocation": "/seed/in.csv"}},
+        body = {"Inputs": {"input1": {"ConnectionString": conn,
+                                      "RelativeLocation": "/seed/in.csv"}},
                 "Outputs": {"output1": {"ConnectionString": conn,
                                         "RelativeLocation": "/seed/out.csv"}},
                 "GlobalParameters": {}}
@@ -121,7 +121,8 @@ def main() -> None:
         "bench": "polls", "run_time_s": t, "seed_polls": seed["polls"],
         "default_policy": {**default, **d}, "recommended_policy": {**recommended, **r},
         "target_polls": 15, "target_late_pct": 10,
-        "expected_120s": {"default": schedule(2, 1.6, 30, 120), "recommended": schedule(i, m, c, 120)},
+        "expected_120s": {"default": schedule(2, 1.6, 30, 120),
+                          "recommended": schedule(i, m, c, 120)},
     }), flush=True)
 
 
