@@ -12,8 +12,8 @@ def poll_delay_s(
 ) -> float:
     """Delay before poll number `poll_count + 1`: initial × multiplier^poll_count, capped, ±jitter.
 
-    With the defaults (2 s ×1.6, cap 30 s) a 120 s job is polled about 10 times instead of 120,
-    and its end is seen at most one capped interval late.
+    With the defaults (5 s ×1.1, cap 30 s) a 120 s job is polled 14 times instead of 120, and
+    its end is seen a few seconds late; past the cap, at most `max_s` late.
     """
     base = min(policy.max_s, policy.initial_s * policy.multiplier ** min(poll_count, 64))
     if policy.jitter <= 0:

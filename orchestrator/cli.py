@@ -13,7 +13,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 import click
 from rich.console import Console
@@ -109,7 +109,30 @@ config_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON, not a table.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _LazyGroup(click.Group):
+    """Imports `demo` and `emulator` only when asked for: the daemon never pays for them."""
+
+    lazy: ClassVar[dict[str, tuple[str, str]]] = {
+        "demo": ("orchestrator.demo", "demo_command"),
+        "emulator": ("orchestrator.emulator.cli", "emulator_command"),
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy:
+            import importlib
+
+            module, attr = self.lazy[cmd_name]
+            command = getattr(importlib.import_module(module), attr)
+            assert isinstance(command, click.Command)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_LazyGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-json/--log-text", default=None,
@@ -389,15 +412,6 @@ def status(config_path: Path, as_json: bool) -> None:
         console.print("nothing in flight")
 
 
-def _attach_optional_commands() -> None:
-    from orchestrator import demo
-    from orchestrator.emulator import cli as emulator_cli
-
-    main.add_command(emulator_cli.emulator_command, name="emulator")
-    main.add_command(demo.demo_command, name="demo")
-
-
-_attach_optional_commands()
 
 
 # ------------------------------------------------------------------------------------------

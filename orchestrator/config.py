@@ -64,10 +64,13 @@ class Secret:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PollPolicy:
-    """Exponential backoff for status polls: initial, ×multiplier each poll, capped, jittered."""
+    """Exponential backoff for status polls: initial, ×multiplier each poll, capped, jittered.
 
-    initial_s: float = 2.0
-    multiplier: float = 1.6
+    The defaults poll a 120 s job 14 times and see its end within 3 % of its run time
+    (bench/polls.py); a steeper multiplier saves calls but sees long jobs' ends later."""
+
+    initial_s: float = 5.0
+    multiplier: float = 1.1
     max_s: float = 30.0
     jitter: float = 0.1  #: ± fraction of the delay, so thousands of jobs do not poll in step
 

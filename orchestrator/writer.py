@@ -60,12 +60,12 @@ class BatchWriter:
                 return
 
     async def _flush(self, batch: list[tuple[Item, asyncio.Future[bool]]]) -> None:
-        transitions = [i for i, _ in batch if isinstance(i, jobs.Transition)]
-        reschedules = [i for i, _ in batch if isinstance(i, jobs.Reschedule)]
+        # In submission order: a job's reschedule and the transition after it may share a batch.
+        items = [i for i, _ in batch]
         while True:
             try:
-                lost = await self._repo.apply(
-                    transitions, reschedules, worker_id=self._worker_id, now=clock.now()
+                applied = await self._repo.apply_in_order(
+                    items, worker_id=self._worker_id, now=clock.now()
                 )
                 break
             except Exception as exc:  # the database is down or locked: keep the batch, retry
@@ -76,6 +76,6 @@ class BatchWriter:
                             fut.set_exception(exc)
                     return
                 await asyncio.sleep(RETRY_DB_S)
-        for item, fut in batch:
+        for (_, fut), ok in zip(batch, applied, strict=True):
             if not fut.done():
-                fut.set_result(item.job_id not in lost)
+                fut.set_result(ok)

@@ -318,6 +318,29 @@ async def test_apply_the_same_job_twice_in_one_batch(repo: repository.Repository
         S.CLAIMED, S.ACCEPTED, S.UPLOADED, S.UPLOADED]
 
 
+async def test_apply_in_order_reschedule_then_transition_in_one_batch(
+    repo: repository.Repository,
+) -> None:
+    """A poll's reschedule and the transition of the next poll can share a writer batch:
+    applied in the order they were made, both succeed (the writer once applied transitions
+    first, failed the reschedule's guard, and the worker dropped a job that had moved on)."""
+    [job] = await make_jobs(repo, 1)
+    await repo.transition(step(job, S.STARTED, "started", bes_job_id="b1", bes_status="Running"),
+                          worker_id="w1", now=T0)
+    now = T0 + dt.timedelta(seconds=1)
+    items: list[jobs.Transition | jobs.Reschedule] = [
+        jobs.Reschedule(job_id=job.id, expected=S.STARTED, next_run_at=now,
+                        bes_status="Running", poll_count=1),
+        jobs.Transition(job_id=job.id, expected=S.STARTED, to=S.REMOTE_FINISHED,
+                        message="finished", fields={"bes_status": "Finished"}),
+        jobs.Transition(job_id=job.id, expected=S.STARTED, to=S.FAILING, message="stale"),
+    ]
+    assert await repo.apply_in_order(items, worker_id="w1", now=now) == [True, True, False]
+    stored = await repo.get_job(job.id)
+    assert (stored.state, stored.poll_count, stored.bes_status) == (
+        S.REMOTE_FINISHED, 1, "Finished")
+
+
 async def test_apply_nothing(repo: repository.Repository) -> None:
     assert await repo.apply([], [], worker_id="w1", now=T0) == set()
 

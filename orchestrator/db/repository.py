@@ -186,6 +186,24 @@ class Repository:
             )
         return _job(values)
 
+    async def create_jobs(
+        self, news: Sequence[jobs.NewJob], *, worker_id: str, now: dt.datetime, lease_s: float
+    ) -> list[jobs.Job]:
+        """`create_job` for many files in one transaction: a burst of files dropped at once
+        costs one commit. Returns the jobs made; taken claim keys are skipped."""
+        if not news:
+            return []
+        values = [_new_job_values(n, worker_id=worker_id, now=now, lease_s=lease_s)
+                  for n in news]
+        async with self._write() as conn:
+            inserted = {r.id for r in await conn.execute(self._insert_job, values)}
+            made = [v for v in values if v["id"] in inserted]
+            if made:
+                await conn.execute(sa.insert(_EVENTS), [
+                    _event(v["id"], now, None, lifecycle.JobState.CLAIMED, worker_id,
+                           f"claimed {v['source_path']}") for v in made])
+        return [_job(v) for v in made]
+
     async def enqueue(self, paths: Sequence[str], *, service: str, now: dt.datetime) -> list[int]:
         """Insert queue-table rows; returns their ids."""
         if not paths:
@@ -363,8 +381,22 @@ class Repository:
         Items are applied in order, transitions first; a job may appear more than once (each
         item's guard sees the state the earlier ones left)."""
         items: list[jobs.Transition | jobs.Reschedule] = [*transitions, *reschedules]
+        applied = await self.apply_in_order(items, worker_id=worker_id, now=now)
+        lost = {item.job_id for item, ok in zip(items, applied, strict=True) if not ok}
+        return lost
+
+    async def apply_in_order(
+        self,
+        items: Sequence[jobs.Transition | jobs.Reschedule],
+        *,
+        worker_id: str,
+        now: dt.datetime,
+    ) -> list[bool]:
+        """Like `apply`, for a mixed batch in the order the changes were made; returns, per
+        item, whether it was applied. The batch writer uses this: a job's reschedule and the
+        transition that followed it can share one batch, and each must see the other."""
         if not items:
-            return set()
+            return []
         async with self._write() as conn:
             current = await self._guarded_rows(conn, {i.job_id for i in items}, worker_id)
             plan = _Plan.make(items, current, worker_id=worker_id, now=now)
@@ -377,7 +409,7 @@ class Repository:
                         await conn.execute(pg_stmt)
             if plan.events:
                 await conn.execute(sa.insert(_EVENTS), plan.events)
-        return plan.lost
+        return [i not in plan.lost_items for i in range(len(items))]
 
     async def _guarded_rows(
         self, conn: sa_asyncio.AsyncConnection, ids: Iterable[str], worker_id: str
@@ -634,6 +666,8 @@ class _Plan:
     rounds: list[_Round]
     events: list[dict[str, Any]]
     lost: set[str]
+    #: Positions (in the items given) whose guard failed.
+    lost_items: set[int] = dataclasses.field(default_factory=set)
 
     @classmethod
     def make(
@@ -649,10 +683,11 @@ class _Plan:
         plan = cls(rounds=[], events=[], lost=set())
         state = dict(current)
         applied: dict[str, int] = {}
-        for item in items:
+        for index, item in enumerate(items):
             now_state = state.get(item.job_id)
             if now_state is None or now_state[0] != item.expected.value:
                 plan.lost.add(item.job_id)
+                plan.lost_items.add(index)
                 continue
             n = applied.get(item.job_id, 0)
             applied[item.job_id] = n + 1
