@@ -464,23 +464,11 @@ class Repository:
                     f"job {job.short_id} is {job.state}: only failed or cancelled jobs are retried"
                 )
             values: dict[str, Any] = {
+                **_FRESH_RUN,
                 "state": lifecycle.JobState.CLAIMED.value,
                 "source_path": job.input_path,
                 "runs": job.runs + 1,
                 "attempts": 0,
-                "bes_job_id": None,
-                "bes_status": None,
-                "result_refs": "{}",
-                "outputs": "{}",
-                "error": None,
-                "error_code": None,
-                "poll_count": 0,
-                "resubmits": 0,
-                "submitted_at": None,
-                "started_at": None,
-                "finished_at": None,
-                "deadline_at": None,
-                "cancel_requested": False,
                 "lease_owner": None,
                 "lease_expires_at": None,
                 "next_run_at": now,
@@ -724,6 +712,23 @@ def _chunks(items: Sequence[str], size: int) -> list[Sequence[str]]:
 
 
 # -- rows <-> records ------------------------------------------------------------------------
+#: What every run of a job starts from (a new job, and `retry`): nothing remote, no result.
+_FRESH_RUN: dict[str, Any] = {
+    "bes_job_id": None,
+    "bes_status": None,
+    "result_refs": "{}",
+    "outputs": "{}",
+    "error": None,
+    "error_code": None,
+    "poll_count": 0,
+    "resubmits": 0,
+    "cancel_requested": False,
+    "submitted_at": None,
+    "started_at": None,
+    "finished_at": None,
+    "deadline_at": None,
+}
+
 def _new_job_values(
     new: jobs.NewJob, *, worker_id: str, now: dt.datetime, lease_s: float
 ) -> dict[str, Any]:
@@ -741,26 +746,14 @@ def _new_job_values(
         "output_dir": new.output_dir,
         "archive_dir": new.archive_dir,
         "failed_dir": new.failed_dir,
-        "bes_job_id": None,
-        "bes_status": None,
-        "result_refs": "{}",
-        "outputs": "{}",
-        "error": None,
-        "error_code": None,
+        **_FRESH_RUN,
         "attempts": 1,
         "runs": 1,
-        "poll_count": 0,
-        "resubmits": 0,
-        "cancel_requested": False,
         "lease_owner": worker_id,
         "lease_expires_at": now + dt.timedelta(seconds=lease_s),
         "next_run_at": now,
-        "deadline_at": None,
         "created_at": now,
         "updated_at": now,
-        "submitted_at": None,
-        "started_at": None,
-        "finished_at": None,
     }
 
 
