@@ -175,14 +175,15 @@ class Sampler:
         self.max_rss_mb = 0.0
 
     def sample_rss(self) -> float:
-        rss = self.proc.memory_info().rss / 2**20
+        rss = float(self.proc.memory_info().rss) / 2**20
         self.max_rss_mb = max(self.max_rss_mb, rss)
         return rss
 
     def cpu_share(self) -> float:
         """CPU seconds per wall second since construction (1.0 = one full core)."""
         c = self.proc.cpu_times()
-        return (c.user + c.system - self._c0) / (time.perf_counter() - self._t0)
+        used: float = c.user + c.system - self._c0
+        return used / (time.perf_counter() - self._t0)
 
 
 def start_py_spy(pid: int, svg: Path, *, extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:

@@ -92,7 +92,7 @@ def main() -> None:
         )
         setup.inbox.mkdir(parents=True, exist_ok=True)
         os.rename(src, setup.inbox / "big.csv")
-        res = common.run_once(setup, timeout_s=900)
+        res = common.run_once(setup, timeout_s=900, log_level="debug")  # per-step events
         if res.rc != 0:
             raise SystemExit(f"daemon run failed (rc {res.rc}):\n{res.output}")
         ev = _events(setup.root / "daemon.log")

@@ -52,6 +52,8 @@ CLAIM_INTERVAL_S = 0.5
 CLAIM_BATCH = 500
 #: Failed inserts of one batch of files before they are left to the next rescan.
 MAX_INSERT_FAILURES = 6
+LAG_REPORT_S = 10.0
+MAX_LAG_SAMPLES = 100_000
 #: A bug in a step is retried like a transient error, but not forever.
 MAX_INTERNAL_ERRORS = 5
 
@@ -96,7 +98,9 @@ class Worker:
         self._gen: dict[str, int] = {}
         self._heap: list[tuple[float, int, str, int]] = []
         self._seq = itertools.count()
-        self._ready: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+        #: (job id, generation, when it was due): the due time measures scheduling lag.
+        self._ready: asyncio.Queue[tuple[str, int, float]] = asyncio.Queue()
+        self._lags: list[float] = []
         self._heap_changed = asyncio.Event()
         self._claim_wake = asyncio.Event()
         self._remote: collections.Counter[str] = collections.Counter()
@@ -144,7 +148,7 @@ class Worker:
         gen = self._gen.get(job_id, 0) + 1
         self._gen[job_id] = gen
         if delay_s <= 0:
-            self._ready.put_nowait((job_id, gen))
+            self._ready.put_nowait((job_id, gen, clock.monotonic()))
             return
         heapq.heappush(self._heap, (clock.monotonic() + delay_s, next(self._seq), job_id, gen))
         self._heap_changed.set()
@@ -181,9 +185,9 @@ class Worker:
         while True:
             now = clock.monotonic()
             while self._heap and self._heap[0][0] <= now:
-                _, _, job_id, gen = heapq.heappop(self._heap)
+                due, _, job_id, gen = heapq.heappop(self._heap)
                 if self._gen.get(job_id) == gen:
-                    self._ready.put_nowait((job_id, gen))
+                    self._ready.put_nowait((job_id, gen, due))
             timeout = self._heap[0][0] - now if self._heap else 3600.0
             self._heap_changed.clear()
             with contextlib.suppress(TimeoutError):
@@ -191,10 +195,12 @@ class Worker:
 
     async def _executor(self, ctx: steps.Context) -> None:
         while True:
-            job_id, gen = await self._ready.get()
+            job_id, gen, due = await self._ready.get()
             job = self._held.get(job_id)
             if job is None or self._gen.get(job_id) != gen:
                 continue
+            if len(self._lags) < MAX_LAG_SAMPLES:
+                self._lags.append(clock.monotonic() - due)
             await self._run_one(job, ctx)
 
     async def _run_one(self, job: jobs.Job, ctx: steps.Context) -> None:
@@ -353,6 +359,17 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._claim_wake.wait(), CLAIM_INTERVAL_S)
 
+    async def _report_lag(self) -> None:
+        """Every LAG_REPORT_S, how late executors picked up due jobs (a poll's lateness against
+        its schedule, before its HTTP call): the health of the timer heap and executor pool."""
+        while True:
+            await asyncio.sleep(LAG_REPORT_S)
+            lags, self._lags = sorted(self._lags), []
+            if lags:
+                log.info("schedule_lag", n=len(lags), p50_s=round(lags[len(lags) // 2], 4),
+                         p99_s=round(lags[int(len(lags) * 0.99)], 4), max_s=round(lags[-1], 4),
+                         held=len(self._held))
+
     def _queue_job(self, item: jobs.QueueItem) -> jobs.NewJob:
         return intake.from_queue(self.settings, item)
 
@@ -466,6 +483,7 @@ class Worker:
                 asyncio.create_task(self._timer(), name="timer"),
                 asyncio.create_task(self._claimer(), name="claimer"),
                 asyncio.create_task(self._heartbeat(), name="heartbeat"),
+                asyncio.create_task(self._report_lag(), name="lag-report"),
                 asyncio.create_task(self._intake(), name="intake"),
                 asyncio.create_task(self._claim_files(), name="claim-files"),
                 *(asyncio.create_task(self._executor(ctx), name=f"executor-{i}")
