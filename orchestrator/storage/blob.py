@@ -17,7 +17,7 @@ import filecmp
 import io
 import os
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,26 @@ def _storage_error(action: str, exc: Exception) -> errors.OrchestratorError:
     )
 
 
+PUT_SLICE_BYTES = 256 * 1024
+
+
+async def _slices(view: memoryview) -> AsyncIterator[memoryview]:
+    for start in range(0, len(view), PUT_SLICE_BYTES):
+        yield view[start:start + PUT_SLICE_BYTES]
+
+
+async def _run_workers(worker: Callable[[], Coroutine[Any, Any, None]], n: int) -> None:
+    tasks: list[asyncio.Task[None]] = [asyncio.create_task(worker()) for _ in range(n)]
+    try:
+        # Plain gather (not a TaskGroup): the first error surfaces as itself, not a group.
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 class BlobStore:
     """The daemon's one storage account and container."""
 
@@ -190,10 +210,13 @@ class BlobStore:
         try:
             size = os.fstat(fd).st_size
             chunk = self.storage.upload_chunk_bytes
-            if size <= SMALL_PUT_BYTES and self.account.key is not None:
-                data = await asyncio.to_thread(os.pread, fd, size, 0)
-                await self._put_small(blob_name, data)
-                return len(data)
+            if self.account.key is not None:  # plain HTTP with our own SAS: fewer copies, less CPU
+                if size <= SMALL_PUT_BYTES:
+                    data = await asyncio.to_thread(os.pread, fd, size, 0)
+                    await self._put(blob_name, "", data, {"x-ms-blob-type": "BlockBlob"})
+                    return len(data)
+                await self._upload_blocks_http(blob_name, fd, size, chunk)
+                return size
             client = self._container.get_blob_client(blob_name)
             if size <= chunk:
                 data = await asyncio.to_thread(os.pread, fd, size, 0)
@@ -222,13 +245,18 @@ class BlobStore:
             self._put_sas = (token, refresh_at)
         return self._put_sas[0]
 
-    async def _put_small(self, blob_name: str, data: bytes) -> None:
-        """One Put Blob with plain aiohttp: for small files the SDK's client construction and
-        policy pipeline cost more CPU than the transfer (bench/throughput.py profile)."""
-        url = f"{self.blob_url(blob_name)}?{self._upload_sas()}"
+    async def _put(self, blob_name: str, query: str, data: bytes | memoryview,
+                   headers: dict[str, str]) -> None:
+        """One PUT to our blob with plain aiohttp (Put Blob, Put Block, Put Block List): the
+        SDK's client construction and policy pipeline cost more CPU than a small transfer
+        (bench/throughput.py profile) and held extra copies of each block (bench/large.py)."""
+        url = f"{self.blob_url(blob_name)}?{query}{'&' if query else ''}{self._upload_sas()}"
         try:
+            # Slices of the caller's buffer: nothing copied, no big-bytes warning from aiohttp;
+            # the explicit Content-Length keeps it from chunked encoding, which storage refuses.
             async with self.session.put(
-                url, data=data, headers={"x-ms-blob-type": "BlockBlob"}, allow_redirects=False
+                url, data=_slices(memoryview(data)),
+                headers={**headers, "Content-Length": str(len(data))}, allow_redirects=False,
             ) as resp:
                 if resp.status >= 300:
                     status = resp.status
@@ -241,6 +269,35 @@ class BlobStore:
             raise errors.TransientError(
                 f"storage upload failed: {type(exc).__name__}", code="StorageUnavailable"
             ) from None
+
+    async def _upload_blocks_http(self, blob_name: str, fd: int, size: int, chunk: int) -> None:
+        """Put Block × n (upload_parallelism at a time, each block read just before it is
+        sent), then Put Block List: memory stays at about chunk × parallelism."""
+        count = (size + chunk - 1) // chunk
+        ids = [base64.b64encode(f"{i:08d}".encode()).decode() for i in range(count)]
+        next_index = 0
+
+        async def worker() -> None:
+            nonlocal next_index
+            buf = bytearray(chunk)  # one buffer per worker, reused for every block it sends
+            while next_index < count:
+                i = next_index
+                next_index += 1
+                offset = i * chunk
+                want = min(chunk, size - offset)
+                view = memoryview(buf)[:want]
+                got = await asyncio.to_thread(os.preadv, fd, [view], offset)
+                if got != want:
+                    raise errors.PermanentError("input file changed while uploading",
+                                                code="InputChanged")
+                block = urllib.parse.quote(ids[i], safe="")
+                await self._put(blob_name, f"comp=block&blockid={block}", view, {})
+
+        await _run_workers(worker, min(self.storage.upload_parallelism, count))
+        body = ("<?xml version=\"1.0\" encoding=\"utf-8\"?><BlockList>"
+                + "".join(f"<Latest>{b}</Latest>" for b in ids) + "</BlockList>").encode()
+        await self._put(blob_name, "comp=blocklist", body,
+                        {"Content-Type": "application/xml"})
 
     async def _upload_blocks(self, client: azblob_aio.BlobClient, fd: int, size: int,
                              chunk: int) -> None:
@@ -262,16 +319,7 @@ class BlobStore:
                 # A file object: aiohttp streams it instead of warning about a big bytes body.
                 await client.stage_block(ids[i], io.BytesIO(data), length=len(data))
 
-        workers = min(self.storage.upload_parallelism, count)
-        tasks = [asyncio.create_task(worker()) for _ in range(workers)]
-        try:
-            # Plain gather (not a TaskGroup): the first error surfaces as itself, not a group.
-            await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        await _run_workers(worker, min(self.storage.upload_parallelism, count))
         await client.commit_block_list([azblob.BlobBlock(block_id=b) for b in ids])
 
     # ---- references -----------------------------------------------------------------------
