@@ -46,25 +46,32 @@ def move_durable(src: Path, dst: Path) -> None:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        tmp = naming.temp_name(dst)
-        try:
-            with open(src, "rb") as fin, open(
-                os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb"
-            ) as fout:
-                shutil.copyfileobj(fin, fout, _CHUNK)
-                fout.flush()
-                os.fsync(fout.fileno())
-            os.rename(tmp, dst)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        fsync_dir(dst.parent)
+        copy_durable(src, dst)
         os.unlink(src)
         fsync_dir(src.parent)
         return
     fsync_dir(dst.parent)
     if src.parent != dst.parent:
         fsync_dir(src.parent)
+
+
+def copy_durable(src: Path, dst: Path) -> None:
+    """Copy `src` to `dst` through a hidden temp name beside it, fsynced, then renamed: `dst`
+    is either absent or complete, whatever happens."""
+    ensure_dir(dst.parent)
+    tmp = naming.temp_name(dst)
+    try:
+        with open(src, "rb") as fin, open(
+            os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb"
+        ) as fout:
+            shutil.copyfileobj(fin, fout, _CHUNK)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.rename(tmp, dst)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    fsync_dir(dst.parent)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -1,5 +1,6 @@
 """The bad-input catalogue (issue 5, part 4): each case has a defined outcome, the daemon keeps
-running, and the good file dropped beside them is unaffected. Outcomes: .notes/bad-input.md."""
+running, and the good file dropped beside them is unaffected. The outcomes are listed in the
+README's "What happens when…" section."""
 
 from __future__ import annotations
 
@@ -125,3 +126,31 @@ def test_unknown_key_missing_secret_and_unwritable_database(tmp_path: Path) -> N
     assert proc.returncode == 78 and proc.stderr.count("\n") == 1, proc.stderr
     assert "database.url" in proc.stderr
     assert os.path.isfile(tmp_path / "notadir")
+
+
+def test_followed_symlink_takes_the_target_bytes_and_leaves_the_target(
+    tmp_path: Path, azurite: azurite_mod.Azurite
+) -> None:
+    """With follow_symlinks, a link to a file inside the inbox's tree is processed: its
+    target's bytes are copied into the spool, the link is removed, the target is untouched.
+    A link pointing outside the inbox is still refused."""
+    with harness.emulator("--run-time-s", "0.1") as emu:
+        s = harness.make_setup(tmp_path, emulator_url=emu.url,
+                               storage_connection_string=azurite.connection_string,
+                               watch={"follow_symlinks": True})
+        s.cli("migrate")
+        (s.inbox / "store").mkdir(parents=True)
+        target = s.inbox / "store" / "real.csv"  # a subfolder: not itself watched
+        target.write_text(crash.csv_text(GOOD))
+        (s.inbox / "linked.csv").symlink_to(target)
+        outside = tmp_path / "outside.csv"
+        outside.write_text(crash.csv_text(GOOD))
+        (s.inbox / "escape.csv").symlink_to(outside)
+        s.cli("run", "--once", timeout=60)
+        hist = {h["input_name"]: h for h in s.history()}
+        assert set(hist) == {"linked.csv"}
+        assert hist["linked.csv"]["state"] == "done"
+        crash.check_result(s.results / "linked.output1.csv", GOOD)
+        assert not (s.inbox / "linked.csv").exists()
+        assert target.read_text() == crash.csv_text(GOOD)  # the link's target is not ours
+        assert (s.inbox / "escape.csv").is_symlink() and outside.exists()

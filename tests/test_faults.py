@@ -143,6 +143,9 @@ def test_expired_sas_fails_clearly_and_retry_reruns(
         s.cli("run", "--once", timeout=60)
         [again] = s.history()
         assert again["job_id"] == job["job_id"] and again["state"] == "done"
+        # The retried input left the failed folder, and its stale error file went with it.
+        assert not (s.failed / "late.csv.error.txt").exists()
+        assert not (s.failed / "late.csv").exists()
         crash.check_result(s.results / "late.output1.csv", texts)
         assert (s.archive / "late.csv").exists() and not (s.failed / "late.csv").exists()
 

@@ -11,6 +11,7 @@ import asyncio
 from pathlib import Path
 
 from orchestrator import errors, fsutil, jobs, lifecycle, steps
+from orchestrator.storage import naming
 
 MAX_SUFFIX_LEN = 16
 
@@ -22,16 +23,22 @@ def spool_path(spool_dir: Path, job: jobs.Job) -> Path:
     return spool_dir / f"{job.id}{suffix.lower()}"
 
 
-def _claim(source: Path, target: Path) -> tuple[str, int]:
+def _claim(source: Path, target: Path, failed_dir: Path) -> tuple[str, int]:
     if not target.exists():
-        if not source.exists() and not source.is_symlink():
+        if not source.exists():
             raise errors.PermanentError(
                 f"input {source} disappeared before it was claimed", code="InputVanished"
             )
         if source.is_symlink():
-            # Never follow into a link's target's folder: copy the bytes, keep the link.
-            raise errors.PermanentError(f"input {source} is a symbolic link", code="InputSymlink")
-        fsutil.move_durable(source, target)
+            # Only reached with follow_symlinks (the watcher refuses links otherwise, and any
+            # pointing outside the inbox): take the target's bytes, remove only the link.
+            fsutil.copy_durable(source.resolve(), target)
+            source.unlink()
+        else:
+            fsutil.move_durable(source, target)
+        if source.parent == failed_dir:  # `jobs retry`: the old error file no longer applies
+            error_file = failed_dir / naming.error_file_name(source.name)
+            error_file.unlink(missing_ok=True)
     target.chmod(fsutil.FILE_MODE & 0o600)
     return fsutil.sha256_file(target)
 
@@ -39,7 +46,9 @@ def _claim(source: Path, target: Path) -> tuple[str, int]:
 async def run(job: jobs.Job, ctx: steps.Context) -> steps.StepResult:
     target = spool_path(ctx.settings.daemon.spool_dir, job)
     try:
-        digest, size = await asyncio.to_thread(_claim, Path(job.source_path), target)
+        digest, size = await asyncio.to_thread(
+            _claim, Path(job.source_path), target, Path(job.failed_dir)
+        )
     except PermissionError as exc:
         raise errors.PermanentError(
             f"cannot move {job.source_path} into the spool folder: {exc.strerror}",
