@@ -160,7 +160,7 @@ class DaemonConfig:
     worker_id: str
     lease_s: float = DEFAULT_LEASE_S
     heartbeat_s: float = DEFAULT_HEARTBEAT_S
-    workers: int = 100  #: step executors; a waiting job holds none
+    executors: int = 100  #: step executors; a waiting job holds none
     max_jobs_held: int = 20_000  #: jobs one daemon keeps leased at once
     uploads: int = 16  #: concurrent uploads
     downloads: int = 16  #: concurrent downloads
@@ -476,6 +476,8 @@ def _database(t: _Table, base: Path) -> DatabaseConfig:
 def _daemon(t: _Table, base: Path) -> DaemonConfig:
     state_dir = t.path("state_dir", base, base / "state")
     d = DaemonConfig(state_dir=state_dir, spool_dir=state_dir, worker_id="")
+    if "workers" in t.data:
+        raise errors.ConfigError(t.key("workers"), "was renamed: use daemon.executors")
     worker_id = t.raw("worker_id") or f"{socket.gethostname()}-{os.getpid()}"
     daemon = DaemonConfig(
         state_dir=state_dir,
@@ -483,7 +485,7 @@ def _daemon(t: _Table, base: Path) -> DaemonConfig:
         worker_id=str(worker_id),
         lease_s=t.number("lease_s", d.lease_s, minimum=1.0),
         heartbeat_s=t.number("heartbeat_s", d.heartbeat_s, minimum=0.1),
-        workers=t.whole("workers", d.workers),
+        executors=t.whole("executors", d.executors),
         max_jobs_held=t.whole("max_jobs_held", d.max_jobs_held),
         uploads=t.whole("uploads", d.uploads),
         downloads=t.whole("downloads", d.downloads),

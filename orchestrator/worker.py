@@ -42,11 +42,8 @@ from orchestrator import (
     watcher,
     writer,
 )
-from orchestrator.bes import client as bes_client
-from orchestrator.bes import throttle
 from orchestrator.db import repository
 from orchestrator.steps import intake
-from orchestrator.storage import blob
 
 CLAIM_INTERVAL_S = 0.5
 CLAIM_BATCH = 500
@@ -466,18 +463,7 @@ class Worker:
             self.worker_id, host=socket.gethostname(), pid=os.getpid(), now=clock.now())
         connector = aiohttp.TCPConnector(limit=d.http_connections, limit_per_host=0)
         async with aiohttp.ClientSession(connector=connector) as session:
-            blobs = blob.BlobStore(self.settings.storage, session)
-            await blobs.ensure_container()
-            ctx = steps.Context(
-                settings=self.settings,
-                bes={name: bes_client.BesClient(svc, session, gate=throttle.ServiceGate())
-                     for name, svc in self.settings.services.items()},
-                blobs=blobs,
-                sas_cache={},
-                uploads=asyncio.Semaphore(d.uploads),
-                downloads=asyncio.Semaphore(d.downloads),
-                rng=self._rng,
-            )
+            ctx = await steps.open_context(self.settings, session, rng=self._rng)
             self._writer.start()
             tasks = [
                 asyncio.create_task(self._timer(), name="timer"),
@@ -487,7 +473,7 @@ class Worker:
                 asyncio.create_task(self._intake(), name="intake"),
                 asyncio.create_task(self._claim_files(), name="claim-files"),
                 *(asyncio.create_task(self._executor(ctx), name=f"executor-{i}")
-                  for i in range(d.workers)),
+                  for i in range(d.executors)),
             ]
             waiters: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait())]
             if self.once:
@@ -505,5 +491,5 @@ class Worker:
                 await self._writer.close()
                 with contextlib.suppress(Exception):
                     await self.repo.release(self.worker_id, now=clock.now())
-                await blobs.close()
+                await steps.close_context(ctx)
         return self.stats

@@ -14,9 +14,11 @@ import dataclasses
 import random
 from collections.abc import Mapping
 
+import aiohttp
+
 from orchestrator import config, lifecycle
 from orchestrator.bes import client as bes_client
-from orchestrator.bes import protocol
+from orchestrator.bes import protocol, throttle
 from orchestrator.storage import blob
 
 
@@ -72,3 +74,26 @@ class Context:
 
     def client(self, name: str) -> bes_client.BesClient:
         return self.bes[name]
+
+
+async def open_context(
+    settings: config.Settings, session: aiohttp.ClientSession, *, rng: random.Random
+) -> Context:
+    """Build the adapters every step uses (one per external system); `close_context` ends them."""
+    d = settings.daemon
+    blobs = blob.BlobStore(settings.storage, session)
+    await blobs.ensure_container()
+    return Context(
+        settings=settings,
+        bes={name: bes_client.BesClient(svc, session, gate=throttle.ServiceGate())
+             for name, svc in settings.services.items()},
+        blobs=blobs,
+        sas_cache={},
+        uploads=asyncio.Semaphore(d.uploads),
+        downloads=asyncio.Semaphore(d.downloads),
+        rng=rng,
+    )
+
+
+async def close_context(ctx: Context) -> None:
+    await ctx.blobs.close()
