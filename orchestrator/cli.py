@@ -246,8 +246,13 @@ def migrate(config_path: Path) -> None:
     settings = load_settings(config_path)
     pw = settings.database.password.get() if settings.database.password else None
     ensure_sqlite_folder(settings)
-    run_async(migrate_mod.upgrade(settings.database.url, pw))
-    click.echo(f"database at revision {migrate_mod.head_revision()}")
+
+    async def go() -> str:
+        await migrate_mod.upgrade(settings.database.url, pw)
+        return migrate_mod.head_revision()
+
+    # Inside run_async: a broken install (no migrations) is one line and exit 78.
+    click.echo(f"database at revision {run_async(go())}")
 
 
 @main.group(name="config")

@@ -19,9 +19,15 @@ from orchestrator.db import engine as db_engine
 
 #: orchestrator/alembic.ini (package data); its script_location points at MIGRATIONS_DIR.
 INI_PATH = Path(__file__).resolve().parent.parent / "alembic.ini"
-#: <project root>/migrations
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent.parent / "migrations"
+#: orchestrator/db/migrations: package data, found beside this module in a wheel, an sdist
+#: install and an editable checkout alike.
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 VERSION_TABLE = "alembic_version"
+
+
+class MigrationsError(errors.DatabaseVersionError):
+    """This install's migration scripts are missing or unreadable: a packaging fault, not a
+    database one. The CLI prints it on one line and exits 78, like any database version error."""
 
 
 def alembic_cfg() -> alembic_config.Config:
@@ -31,17 +37,40 @@ def alembic_cfg() -> alembic_config.Config:
     return cfg
 
 
+def _broken(problem: str) -> MigrationsError:
+    return MigrationsError(
+        f"{problem}: this bes-orchestrator install is incomplete; reinstall it "
+        "(pip install --force-reinstall bes-orchestrator)"
+    )
+
+
+def script_directory() -> alembic_script.ScriptDirectory:
+    """Alembic's view of MIGRATIONS_DIR; MigrationsError (one line) if the install lacks it."""
+    for needed in (MIGRATIONS_DIR / "env.py", MIGRATIONS_DIR / "versions"):
+        if not needed.exists():
+            raise _broken(f"the schema migrations are missing ({needed} not found)")
+    try:
+        return alembic_script.ScriptDirectory.from_config(alembic_cfg())
+    except alembic_util.CommandError as exc:
+        raise _broken(f"the schema migrations in {MIGRATIONS_DIR} cannot be read ({exc})") from None
+
+
 @functools.cache
 def head_revision() -> str:
     """The revision this program's schema is at."""
-    head = alembic_script.ScriptDirectory.from_config(alembic_cfg()).get_current_head()
+    try:
+        head = script_directory().get_current_head()
+    except alembic_util.CommandError as exc:  # e.g. two heads, a revision naming a missing one
+        raise _broken(
+            f"the schema migrations in {MIGRATIONS_DIR} are inconsistent ({exc})"
+        ) from None
     if head is None:
-        raise errors.DatabaseVersionError(f"no migrations found in {MIGRATIONS_DIR}")
+        raise _broken(f"no schema migrations found in {MIGRATIONS_DIR}")
     return head
 
 
 def _known_revision(revision: str) -> bool:
-    scripts = alembic_script.ScriptDirectory.from_config(alembic_cfg())
+    scripts = script_directory()
     try:
         return scripts.get_revision(revision) is not None
     except alembic_util.CommandError:
@@ -59,9 +88,13 @@ async def upgrade(url: str, password: str | None = None, *, revision: str = "hea
 
 
 def _run_upgrade(connection: sa.Connection, revision: str) -> None:
+    head_revision()  # a missing or broken set of migrations fails here, on one line
     cfg = alembic_cfg()
     cfg.attributes["connection"] = connection
-    command.upgrade(cfg, revision)
+    try:
+        command.upgrade(cfg, revision)
+    except alembic_util.CommandError as exc:  # e.g. an unknown target revision
+        raise MigrationsError(f"cannot migrate to {revision}: {exc}") from None
 
 
 async def current_revision(engine: sa_asyncio.AsyncEngine) -> str | None:
