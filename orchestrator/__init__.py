@@ -1,3 +1,4 @@
 """bes-orchestrator: a folder or a queue table in, Azure ML BES jobs out, every step recorded."""
 
-__version__ = "0.1.0"
+#: The one place the version is written: pyproject.toml reads it (`[tool.setuptools.dynamic]`).
+__version__ = "0.2.0"

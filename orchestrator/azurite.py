@@ -1,7 +1,7 @@
 """Start and stop a private Azurite blob server: used by the tests, the demo and the benchmarks.
 
 Azurite is pinned in the project's `package.json` and installed with `npm ci`. Data goes to a
-temporary `--location` folder (in-memory persistence grew to GBs in benchmarks, DESIGN.md).
+temporary `--location` folder (in-memory persistence grew to GBs in benchmarks).
 """
 
 from __future__ import annotations
@@ -25,24 +25,42 @@ ACCOUNT_KEY = (
 READY_TIMEOUT_S = 30.0
 
 
+#: How to get Azurite when it is missing (one line, shown as is).
+INSTALL_HINT = (
+    "in a checkout, ./scripts/dev-setup installs the pinned version into node_modules; "
+    "elsewhere `npm install -g azurite@3.37.0` puts azurite-blob on PATH, "
+    "or set AZURITE_BLOB to its path"
+)
+
+
+class AzuriteNotFound(FileNotFoundError):
+    """No `azurite-blob` to run. The message is one line saying how to get it."""
+
+
 def _project_root() -> Path:
+    """The checkout this package runs from (editable install); meaningless in a wheel install,
+    where it is site-packages and holds no node_modules."""
     return Path(__file__).resolve().parent.parent
 
 
 def find_binary() -> str:
-    """The `azurite-blob` executable: $AZURITE_BLOB, the project's node_modules, or PATH."""
+    """The `azurite-blob` executable: $AZURITE_BLOB, the project's node_modules (the checkout's,
+    or the current folder's), or PATH. AzuriteNotFound says how to get it."""
     explicit = os.environ.get("AZURITE_BLOB")
     if explicit:
+        if not os.access(explicit, os.X_OK):
+            raise AzuriteNotFound(f"AZURITE_BLOB={explicit} is not an executable file; "
+                                  + INSTALL_HINT)
         return explicit
-    local = _project_root() / "node_modules" / ".bin" / "azurite-blob"
-    if local.exists():
-        return str(local)
+    for root in dict.fromkeys((_project_root(), Path.cwd())):
+        local = root / "node_modules" / ".bin" / "azurite-blob"
+        if local.exists():
+            return str(local)
     found = shutil.which("azurite-blob")
     if found:
         return found
-    raise FileNotFoundError(
-        "azurite-blob not found: run `npm ci` in the project folder (it is pinned in package.json)"
-    )
+    raise AzuriteNotFound("azurite-blob not found (not in $AZURITE_BLOB, node_modules or PATH): "
+                          + INSTALL_HINT)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

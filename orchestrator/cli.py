@@ -109,13 +109,35 @@ config_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON, not a table.")
 
 
+#: What adds the development tools (`demo`, `emulator`) to an install.
+EMULATOR_EXTRA_PIP = "pip install 'bes-orchestrator[emulator]'"
+
+
+def _needs_extra_command(name: str) -> click.Command:
+    """Stands in for `name` when the emulator extra is not installed: `--help` still lists it,
+    and running it prints one line saying how to add the extra."""
+    message = f"`bes-orchestrator {name}` needs the emulator extra: {EMULATOR_EXTRA_PIP}"
+
+    def callback() -> None:
+        fail(message)
+
+    return click.Command(
+        name, callback=callback, help=f"(not installed) {message}",
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                          "help_option_names": []},
+    )
+
+
 class _LazyGroup(click.Group):
-    """Imports `demo` and `emulator` only when asked for: the daemon never pays for them."""
+    """Imports `demo` and `emulator` only when asked for: the daemon never pays for them, and
+    a production install without the emulator extra gets a one-line hint instead."""
 
     lazy: ClassVar[dict[str, tuple[str, str]]] = {
         "demo": ("orchestrator.demo", "demo_command"),
         "emulator": ("orchestrator.emulator.cli", "emulator_command"),
     }
+    #: The modules only the emulator extra installs (pyproject.toml, [emulator]).
+    extra_modules: ClassVar[tuple[str, ...]] = ("mmh3",)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.lazy])
@@ -123,7 +145,10 @@ class _LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in self.lazy:
             import importlib
+            import importlib.util
 
+            if any(importlib.util.find_spec(m) is None for m in self.extra_modules):
+                return _needs_extra_command(cmd_name)
             module, attr = self.lazy[cmd_name]
             command = getattr(importlib.import_module(module), attr)
             assert isinstance(command, click.Command)
@@ -137,7 +162,8 @@ class _LazyGroup(click.Group):
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-json/--log-text", default=None,
               help="Log format; default: JSON unless stderr is a terminal.")
-@click.version_option(package_name="bes-orchestrator")
+@click.version_option(package_name="bes-orchestrator", prog_name="bes-orchestrator",
+                      message="%(prog)s %(version)s")
 def main(log_level: str, log_json: bool | None) -> None:
     """Turn a folder or a queue table into Azure ML Batch Execution Service jobs, reliably."""
     logs.configure(json=log_json, level=log_level)

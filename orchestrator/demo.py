@@ -83,6 +83,10 @@ def demo_command(once: bool, workdir: Path, verbose: bool) -> None:
     """
     from orchestrator.db import migrate as migrate_mod
 
+    try:  # before anything starts: a missing Azurite is one line saying how to get it
+        azurite.find_binary()
+    except azurite.AzuriteNotFound as exc:
+        cli.fail(f"demo: {exc}")
     if not verbose:  # the job lines tell the story; keep log lines to warnings and errors
         logs.configure(json=None, level="warning")
     workdir = workdir.resolve()

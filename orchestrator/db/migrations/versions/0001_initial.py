@@ -17,8 +17,8 @@ down_revision: str | Sequence[str] | None = None
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# The columns of job_history (SPEC §5), in order; the bodies below differ only in how each
-# dialect turns a timestamp into ISO-8601 UTC text and computes the duration.
+# The columns of job_history (the README lists them), in order; the bodies below differ only in
+# how each dialect turns a timestamp into ISO-8601 UTC text and computes the duration.
 _PLAIN_COLUMNS = (
     "input_path, input_name, input_sha256, input_size, service, watch, state, "
     "bes_job_id, bes_status, attempts, runs"
