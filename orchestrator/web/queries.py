@@ -1,0 +1,168 @@
+"""Read-only queries for the status page and the scrape-time gauges (SQLAlchemy Core).
+
+Each runs on the repository's read-only engine and touches no row it does not show: aggregates
+are computed by the database (GROUP BY) so a table holding a million finished jobs sends back a
+few dozen rows, not a million.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext import asyncio as sa_asyncio
+
+from orchestrator import lifecycle, metrics
+from orchestrator.db import repository, tables
+
+_JOBS = tables.jobs
+_ACTIVE = sorted(s.value for s in lifecycle.ACTIVE_STATES)
+_TERMINAL = sorted(s.value for s in lifecycle.TERMINAL_STATES)
+_STATES = [s.value for s in lifecycle.JobState]
+
+
+def read_engine(repo: repository.Repository) -> sa_asyncio.AsyncEngine:
+    """The repository's read-only engine (no public accessor yet; the page only reads)."""
+    engine = getattr(repo, "read_engine", None) or repo._read_engine
+    assert isinstance(engine, sa_asyncio.AsyncEngine)
+    return engine
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JobRow:
+    """The columns the page shows for one job."""
+
+    id: str
+    service: str
+    state: str
+    input_name: str
+    bes_status: str | None
+    error: str | None
+    error_code: str | None
+    attempts: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    finished_at: dt.datetime | None
+
+
+_ROW_COLUMNS = [_JOBS.c[f.name] for f in dataclasses.fields(JobRow)]
+
+
+def _rows(result: Iterable[Any]) -> list[JobRow]:
+    return [JobRow(**dict(r._mapping)) for r in result]
+
+
+async def database_snapshot(
+    engine: sa_asyncio.AsyncEngine, *, services: Iterable[str], now: dt.datetime
+) -> metrics.DatabaseSnapshot:
+    """Counts by service and state (zeros for every configured service), oldest ages."""
+    started = time.perf_counter()
+    by_state = sa.select(
+        _JOBS.c.service, _JOBS.c.state, sa.func.count(), sa.func.min(_JOBS.c.created_at)
+    ).group_by(_JOBS.c.service, _JOBS.c.state)
+    by_remote = (
+        sa.select(_JOBS.c.service, _JOBS.c.bes_status, sa.func.count(),
+                  sa.func.min(_JOBS.c.submitted_at))
+        .where(_JOBS.c.state.in_(_ACTIVE), _JOBS.c.bes_status.is_not(None))
+        .group_by(_JOBS.c.service, _JOBS.c.bes_status)
+    )
+    async with engine.connect() as conn:
+        state_rows = (await conn.execute(by_state)).all()
+        remote_rows = (await conn.execute(by_remote)).all()
+    counts = {(s, st): 0 for s in {*services, *(r[0] for r in state_rows)} for st in _STATES}
+    oldest: dict[tuple[str, str], float] = {}
+    for service, state, n, first in state_rows:
+        counts[(service, state)] = int(n)
+        if state in _ACTIVE and first is not None:
+            oldest[(service, state)] = max(0.0, (now - first).total_seconds())
+    remote: dict[tuple[str, str], int] = {}
+    oldest_remote: dict[tuple[str, str], float] = {}
+    for service, status, n, first in remote_rows:
+        remote[(service, status)] = int(n)
+        if first is not None:
+            oldest_remote[(service, status)] = max(0.0, (now - first).total_seconds())
+    return metrics.DatabaseSnapshot(
+        jobs=counts, oldest_age_s=oldest, remote=remote, oldest_remote_age_s=oldest_remote,
+        query_s=time.perf_counter() - started)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MinuteCount:
+    minute: dt.datetime  #: the minute's start, UTC
+    done: int
+    failed: int  #: failed or cancelled
+
+
+def _minute_expr(engine: sa_asyncio.AsyncEngine) -> sa.ColumnElement[Any]:
+    if engine.dialect.name == "sqlite":
+        # Stored as fixed-width UTC text 'YYYY-MM-DD HH:MM:SS.ffffff': its first 16 characters.
+        return sa.func.substr(sa.cast(_JOBS.c.finished_at, sa.Text), 1, 16)
+    return sa.func.to_char(
+        sa.func.date_trunc("minute", sa.func.timezone("UTC", _JOBS.c.finished_at)),
+        "YYYY-MM-DD HH24:MI")
+
+
+async def files_per_minute(
+    engine: sa_asyncio.AsyncEngine, *, now: dt.datetime, minutes: int = 60
+) -> list[MinuteCount]:
+    """Jobs that ended in each of the last `minutes` minutes (the current one included)."""
+    end = now.replace(second=0, microsecond=0)
+    start = end - dt.timedelta(minutes=minutes - 1)
+    minute = _minute_expr(engine).label("minute")
+    ok = sa.func.sum(sa.case((_JOBS.c.state == lifecycle.JobState.DONE.value, 1), else_=0))
+    query = (
+        sa.select(minute, ok, sa.func.count())
+        .where(_JOBS.c.state.in_(_TERMINAL), _JOBS.c.finished_at >= start)
+        .group_by(minute)
+    )
+    async with engine.connect() as conn:
+        got = {str(m): (int(d or 0), int(n)) for m, d, n in await conn.execute(query)}
+    out = []
+    for i in range(minutes):
+        at = start + dt.timedelta(minutes=i)
+        done, total = got.get(at.strftime("%Y-%m-%d %H:%M"), (0, 0))
+        out.append(MinuteCount(minute=at, done=done, failed=total - done))
+    return out
+
+
+async def in_flight(engine: sa_asyncio.AsyncEngine, *, limit: int) -> list[JobRow]:
+    """Unfinished jobs, oldest first."""
+    query = (
+        sa.select(*_ROW_COLUMNS).where(_JOBS.c.state.in_(_ACTIVE))
+        .order_by(_JOBS.c.created_at, _JOBS.c.id).limit(limit)
+    )
+    async with engine.connect() as conn:
+        return _rows(await conn.execute(query))
+
+
+async def stuck(
+    engine: sa_asyncio.AsyncEngine, *, older_than: dt.datetime, limit: int
+) -> tuple[int, list[JobRow]]:
+    """Unfinished jobs created before `older_than`: how many, and the oldest `limit`."""
+    where = sa.and_(_JOBS.c.state.in_(_ACTIVE), _JOBS.c.created_at < older_than)
+    async with engine.connect() as conn:
+        n = (await conn.execute(sa.select(sa.func.count()).where(where))).scalar_one()
+        rows = _rows(await conn.execute(
+            sa.select(*_ROW_COLUMNS).where(where)
+            .order_by(_JOBS.c.created_at, _JOBS.c.id).limit(limit)))
+    return int(n), rows
+
+
+async def recent_failures(engine: sa_asyncio.AsyncEngine, *, limit: int) -> list[JobRow]:
+    """Failed and cancelled jobs, the latest to end first."""
+    query = (
+        sa.select(*_ROW_COLUMNS)
+        .where(_JOBS.c.state.in_([lifecycle.JobState.FAILED.value,
+                                  lifecycle.JobState.CANCELLED.value]))
+        .order_by(_JOBS.c.finished_at.desc(), _JOBS.c.id.desc()).limit(limit)
+    )
+    async with engine.connect() as conn:
+        return _rows(await conn.execute(query))
+
+
+def states() -> Sequence[str]:
+    return _STATES
