@@ -49,17 +49,14 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
         fail(f"error: {exc}")
 
 
-def load_settings(path: Path) -> config.Settings:
+def load_settings(path: Path, *, secrets: bool = True) -> config.Settings:
+    """`secrets=False` for commands that only read the database: no secret is read, and a
+    missing variable or credential file is no error."""
     try:
-        settings = config.load(path)
+        settings = config.load(path, secrets=secrets)
     except errors.ConfigError as exc:
         fail(str(exc), EX_CONFIG)
-    secrets = [settings.storage.connection_string.get()]
-    secrets += [s.api_key.get() for s in settings.services.values()]
-    secrets += [s.apim_key.get() for s in settings.services.values() if s.apim_key]
-    if settings.database.password:
-        secrets.append(settings.database.password.get())
-    logs.register_secrets(secrets)
+    logs.register_secrets(config.secret_values(settings))
     return settings
 
 

@@ -169,7 +169,7 @@ def make_setup(
         **(service or {}),
     }
     w = {"folder": "inbox", "pattern": "*.csv", "service": "svc", "settle_s": 0.2,
-         **(watch or {})}
+         "create": True, **(watch or {})}
     d = {"state_dir": "state", "heartbeat_s": 1.0, "lease_s": 5.0, "rescan_s": 2.0,
          **(daemon or {})}
     st = {"connection_string_env": STORAGE_ENV, "container": "bes-test", **(storage or {})}

@@ -36,7 +36,7 @@ def _service(base_url: str, **kw: Any) -> config.ServiceConfig:
         failed_dir=Path("/nonexistent/failed"),
     )
     defaults.update(kw)
-    return config.ServiceConfig(**defaults)
+    return config.BesService(**defaults)
 
 
 def _assert_no_secret(exc: BaseException, *extra: str) -> None:

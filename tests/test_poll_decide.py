@@ -16,7 +16,7 @@ NOW = dt.datetime(2026, 11, 27, tzinfo=dt.UTC)
 
 
 def service(**kw: object) -> config.ServiceConfig:
-    return config.ServiceConfig(
+    return config.BesService(
         name="svc", base_url="http://127.0.0.1:1", workspace="w", service="s",
         api_key=config.Secret("k" * 10), output_dir=Path("/o"),
         archive_dir=Path("/a"), failed_dir=Path("/f"), **kw)  # type: ignore[arg-type]
