@@ -56,11 +56,12 @@ class Secret:
     A secret left unread (`load(..., secrets=False)`, for commands that only read the database)
     raises a ConfigError naming its key when something asks for its value."""
 
-    __slots__ = ("_unread_key", "_value")
+    __slots__ = ("_absent", "_unread_key", "_value")
 
     def __init__(self, value: str) -> None:
         self._value = value
         self._unread_key = ""
+        self._absent = ""
 
     @classmethod
     def unread(cls, key: str) -> Secret:
@@ -68,14 +69,26 @@ class Secret:
         s._unread_key = key
         return s
 
+    @classmethod
+    def absent(cls, key: str, why: str) -> Secret:
+        """Stands for a secret this configuration does without (e.g. no storage key with
+        Entra ID): asking for its value is a bug that names the key."""
+        s = cls.unread(key)
+        s._absent = why
+        return s
+
     @property
     def is_read(self) -> bool:
         return not self._unread_key
 
+    @property
+    def is_absent(self) -> bool:
+        return bool(self._absent)
+
     def get(self) -> str:
         if self._unread_key:
-            raise errors.ConfigError(self._unread_key, "was not read (this command runs without"
-                                                       " secrets)")
+            raise errors.ConfigError(self._unread_key, self._absent or
+                                     "was not read (this command runs without secrets)")
         return self._value
 
     def __repr__(self) -> str:
@@ -336,6 +349,10 @@ class ServiceBase(_Model):
     request_timeout_s: float = pydantic.Field(default=60.0, ge=0.1)  #: one HTTP call
     poll: PollPolicy = PollPolicy()
     retry: RetryPolicy = RetryPolicy()
+    #: A remote job that fails with one of these in its details failed because of its
+    #: environment, not its input: it is submitted again, up to max_resubmits times.
+    resubmit_on: Annotated[tuple[Text, ...], pydantic.Field(strict=False)] = DEFAULT_RESUBMIT_ON
+    max_resubmits: int = pydantic.Field(default=DEFAULT_MAX_RESUBMITS, ge=0)
     #: Where results of queue-table jobs for this service go (watches name their own).
     output_dir: ConfigPath
     archive_dir: ConfigPath
@@ -373,8 +390,6 @@ class BesService(ServiceBase):
     outputs: Annotated[dict[str, str], pydantic.BeforeValidator(_outputs)] = {
         "output1": DEFAULT_OUTPUT_EXTENSION}
     global_parameters: StrMap = {}
-    resubmit_on: Annotated[tuple[Text, ...], pydantic.Field(strict=False)] = DEFAULT_RESUBMIT_ON
-    max_resubmits: int = pydantic.Field(default=DEFAULT_MAX_RESUBMITS, ge=0)
 
     @property
     def jobs_url(self) -> str:
@@ -510,7 +525,9 @@ class WatchConfig(_Model):
 class StorageConfig(_Model):
     """The blob account inputs and outputs go through: a connection string, or Entra ID."""
 
-    connection_string: Secret | None = None
+    #: Absent (a placeholder whose value is refused) when account_url is used.
+    connection_string: Secret = Secret.absent(
+        "storage.connection_string", "is not set: [storage] uses account_url (Entra ID)")
     account_url: WebUrl | None = None  #: https://<account>.blob.core.windows.net
     credential: CredentialConfig = CredentialConfig()  #: with account_url
     container: ContainerName = DEFAULT_CONTAINER
@@ -525,10 +542,11 @@ class StorageConfig(_Model):
 
     @pydantic.model_validator(mode="after")
     def _one_way_in(self) -> StorageConfig:
-        if self.connection_string is None and self.account_url is None:
+        absent = self.connection_string.is_absent
+        if absent and self.account_url is None:
             raise _key_error("connection_string_env",
                              "is required (or _file/_credential), or account_url with Entra ID")
-        if self.connection_string is not None and self.account_url is not None:
+        if not absent and self.account_url is not None:
             raise _key_error("account_url", "give either a connection string or account_url")
         if self.account_url is None and "credential" in self.model_fields_set:
             raise _key_error("credential", "is only used with account_url")
@@ -842,7 +860,7 @@ def parse(
 
 def _label_unread(value: Any, prefix: str) -> None:
     """Give each unread secret its full dotted key, for the error it raises if used."""
-    if isinstance(value, Secret) and not value.is_read:
+    if isinstance(value, Secret) and not value.is_read and not value.is_absent:
         value._unread_key = f"{prefix.rpartition('.')[0]}.{value._unread_key}".lstrip(".")
     elif isinstance(value, pydantic.BaseModel):
         for name in type(value).model_fields:
@@ -870,7 +888,7 @@ def load(path: Path, *, secrets: bool = True) -> Settings:
 
 def _plain(value: Any) -> Any:
     if isinstance(value, Secret):
-        return "***"
+        return None if value.is_absent else "***"
     if isinstance(value, pydantic.BaseModel):
         return {name: _plain(getattr(value, name)) for name in type(value).model_fields}
     if isinstance(value, dict):
