@@ -71,8 +71,8 @@ async def run(url: str, n: int) -> None:
         ]
 
         async def reschedule() -> None:
-            lost = await repo.apply([], reschedules, worker_id="w1", now=T0)
-            assert not lost
+            outcomes = await repo.apply(reschedules, worker_id="w1", now=T0)
+            assert all(isinstance(o, repository.Applied) for o in outcomes)
 
         await timed(f"apply {n} reschedules (status changed)", n, reschedule)
         transitions = [
@@ -82,21 +82,22 @@ async def run(url: str, n: int) -> None:
         ]
 
         async def apply_transitions() -> None:
-            lost = await repo.apply(transitions, [], worker_id="w1", now=T0)
-            assert not lost
+            outcomes = await repo.apply(transitions, worker_id="w1", now=T0)
+            assert all(isinstance(o, repository.Applied) for o in outcomes)
 
         await timed(f"apply {n} transitions", n, apply_transitions)
         singles = min(n, 500)
 
         async def one_by_one() -> None:
             for j in claimed[:singles]:
-                await repo.transition(
-                    jobs.Transition(job_id=j.id, expected=S.ACCEPTED, to=S.UPLOADED,
-                                    message="uploaded"),
+                [outcome] = await repo.apply(
+                    [jobs.Transition(job_id=j.id, expected=S.ACCEPTED, to=S.UPLOADED,
+                                     message="uploaded")],
                     worker_id="w1", now=T0,
                 )
+                assert isinstance(outcome, repository.Applied)
 
-        await timed(f"transition x{singles} (one by one)", singles, one_by_one)
+        await timed(f"apply x{singles} (one transition each)", singles, one_by_one)
         await timed("history (1000 rows)", 1, lambda: repo.history(limit=1000))
     finally:
         await repo.close()

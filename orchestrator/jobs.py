@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 from collections.abc import Mapping
+from typing import TypedDict
 
 from orchestrator import lifecycle
 
@@ -88,17 +89,51 @@ class QueueItem:
     job_id: str | None
 
 
+class Fields(TypedDict, total=False):
+    """The columns a state change may set alongside the state (names and types as on `Job`).
+    A misspelt name is a type error; the repository also refuses unknown names at run time.
+    The guard's columns (id, state, lease) and the identity of the job are not among them."""
+
+    input_path: str
+    source_path: str
+    input_sha256: str | None
+    input_size: int | None
+    bes_job_id: str | None
+    bes_status: str | None
+    result_refs: Mapping[str, str]
+    outputs: Mapping[str, str]
+    error: str | None
+    error_code: str | None
+    attempts: int
+    runs: int
+    poll_count: int
+    resubmits: int
+    cancel_requested: bool
+    deadline_at: dt.datetime | None
+    submitted_at: dt.datetime | None
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+
+#: Every name `Fields` declares, for the repository's run-time check.
+FIELD_NAMES: frozenset[str] = frozenset(Fields.__annotations__)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Transition:
-    """One guarded state change, applied with its event row in one transaction."""
+    """One guarded state change, applied with its event row in one transaction. The only way
+    a job's state changes after it is created: workers' steps and people's commands alike."""
 
     job_id: str
     expected: lifecycle.JobState
     to: lifecycle.JobState
     message: str
-    #: Column values to set alongside (names as on `Job`); e.g. bes_job_id, outputs.
-    fields: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    #: Column values to set alongside; e.g. bes_job_id, outputs.
+    fields: Fields = dataclasses.field(default_factory=lambda: Fields())
     next_run_at: dt.datetime | None = None
+    #: A person's command is guarded by the state alone (people overrule workers) and frees
+    #: the lease; a worker's change also needs the lease.
+    actor: lifecycle.Actor = lifecycle.Actor.WORKER
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -111,3 +146,24 @@ class Reschedule:
     next_run_at: dt.datetime
     bes_status: str | None
     poll_count: int
+
+
+def fresh_run(job: Job) -> Fields:
+    """The fields that start `job` over from CLAIMED: nothing remote, no result, and the input
+    taken from where it is now (the claim step moves it back into the spool)."""
+    return {
+        "source_path": job.input_path,
+        "bes_job_id": None,
+        "bes_status": None,
+        "result_refs": {},
+        "outputs": {},
+        "error": None,
+        "error_code": None,
+        "poll_count": 0,
+        "resubmits": 0,
+        "cancel_requested": False,
+        "submitted_at": None,
+        "started_at": None,
+        "finished_at": None,
+        "deadline_at": None,
+    }

@@ -2,7 +2,7 @@
 
 Pure: no I/O. A state names the last milestone *already reached*, so a crash after any
 external effect resumes at the step that comes next, and each step is written to be safe to
-repeat (DESIGN.md, "Lifecycle and crash safety").
+repeat. `EDGES` lists every state change that may be written; the repository refuses others.
 """
 
 from __future__ import annotations
@@ -78,18 +78,78 @@ STEP_FOR_STATE: dict[JobState, Step] = {
     JobState.CANCELLING: Step.CANCEL,
 }
 
-#: The state each step's success leads to.
-NEXT_STATE: dict[Step, JobState] = {
-    Step.CLAIM: JobState.ACCEPTED,
-    Step.UPLOAD: JobState.UPLOADED,
-    Step.SUBMIT: JobState.SUBMITTED,
-    Step.START: JobState.STARTED,
-    Step.POLL: JobState.REMOTE_FINISHED,
-    Step.DOWNLOAD: JobState.DOWNLOADED,
-    Step.FINISH: JobState.DONE,
-    Step.FAIL: JobState.FAILED,
-    Step.CANCEL: JobState.CANCELLED,
+class Actor(enum.StrEnum):
+    """Who makes a state change: the daemon holding the lease, or a person's command."""
+
+    WORKER = "worker"
+    PERSON = "person"
+
+
+_W, _P = Actor.WORKER, Actor.PERSON
+_S = JobState
+#: Every state change that may ever be written, and who may make it. Anything else is a bug
+#: and is refused before it reaches the database (the job then fails InternalError).
+#: FAILING -> FAILING re-records the reason when the fail step itself cannot finish.
+EDGES: dict[tuple[JobState, JobState], frozenset[Actor]] = {
+    (_S.CLAIMED, _S.ACCEPTED): frozenset({_W}),  # claim: the input is in the spool
+    (_S.ACCEPTED, _S.UPLOADED): frozenset({_W}),
+    (_S.UPLOADED, _S.SUBMITTED): frozenset({_W}),
+    (_S.SUBMITTED, _S.STARTED): frozenset({_W}),
+    (_S.STARTED, _S.REMOTE_FINISHED): frozenset({_W}),
+    # The remote job failed because of its environment: upload and submit again.
+    (_S.STARTED, _S.ACCEPTED): frozenset({_W}),
+    (_S.REMOTE_FINISHED, _S.DOWNLOADED): frozenset({_W}),
+    # A resumed run found the remote results gone: run the whole job again.
+    (_S.REMOTE_FINISHED, _S.CLAIMED): frozenset({_W}),
+    (_S.DOWNLOADED, _S.DONE): frozenset({_W}),
+    **{(s, _S.FAILING): frozenset({_W})
+       for s in (_S.CLAIMED, _S.ACCEPTED, _S.UPLOADED, _S.SUBMITTED, _S.STARTED,
+                 _S.REMOTE_FINISHED, _S.DOWNLOADED, _S.FAILING, _S.CANCELLING)},
+    (_S.FAILING, _S.FAILED): frozenset({_W}),
+    (_S.CANCELLING, _S.CANCELLED): frozenset({_W}),
+    # `jobs cancel`: any job still moving forward.
+    **{(s, _S.CANCELLING): frozenset({_P})
+       for s in (_S.CLAIMED, _S.ACCEPTED, _S.UPLOADED, _S.SUBMITTED, _S.STARTED,
+                 _S.REMOTE_FINISHED, _S.DOWNLOADED)},
+    # `jobs retry`: from the start, or resumed where a local failure stopped it.
+    (_S.FAILED, _S.CLAIMED): frozenset({_P}),
+    (_S.CANCELLED, _S.CLAIMED): frozenset({_P}),
+    (_S.FAILED, _S.REMOTE_FINISHED): frozenset({_P}),
+    (_S.FAILED, _S.DOWNLOADED): frozenset({_P}),
 }
+
+
+def allowed(from_state: JobState, to_state: JobState, actor: Actor = Actor.WORKER) -> bool:
+    """Pure: may `actor` move a job from `from_state` to `to_state`?"""
+    return actor in EDGES.get((from_state, to_state), frozenset())
+
+
+def refusal(from_state: JobState, to_state: JobState, actor: Actor = Actor.WORKER) -> str | None:
+    """Why the change is illegal (one line), or None when it is allowed."""
+    if allowed(from_state, to_state, actor):
+        return None
+    return f"illegal state change {from_state} -> {to_state} by a {actor}"
+
+
+#: Failures of the download step that leave the remote results valid (the local disk, the
+#: network or this program failed): `jobs retry` resumes these at the download.
+LOCAL_FAILURE_CODES: frozenset[str] = frozenset({
+    "ResultUnwritable", "DownloadFailed", "Truncated", "StorageUnavailable", "ConnectionError",
+    "Timeout", "TransientError", "InternalError", "TooManyAttempts",
+})
+
+
+def resume_state(failed_from: JobState | None, error_code: str | None) -> JobState:
+    """Pure: where `jobs retry` restarts a FAILED job that was in `failed_from` when it began to
+    fail. Results already downloaded are finished again; results still remote after a local
+    failure are fetched again (the download asks the service for fresh references; a remote
+    job found gone sends the job back to CLAIMED, a full run). Anything else runs from the
+    start, so a result the service itself spoiled is never fetched twice."""
+    if failed_from is JobState.DOWNLOADED:
+        return JobState.DOWNLOADED
+    if failed_from is JobState.REMOTE_FINISHED and error_code in LOCAL_FAILURE_CODES:
+        return JobState.REMOTE_FINISHED
+    return JobState.CLAIMED
 
 
 def is_terminal(state: JobState) -> bool:

@@ -13,7 +13,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import sqlalchemy as sa
@@ -76,8 +76,56 @@ async def make_jobs(
 
 
 def step(job: jobs.Job, to: S, message: str = "", **fields: object) -> jobs.Transition:
+    # cast: a test may pass a name `jobs.Fields` lacks, to see the run-time check refuse it.
     return jobs.Transition(job_id=job.id, expected=job.state, to=to, message=message or str(to),
-                           fields=fields)
+                           fields=cast(jobs.Fields, fields))
+
+
+async def change(
+    repo: repository.Repository, t: jobs.Transition, *, worker_id: str = "w1",
+    now: dt.datetime = T0,
+) -> jobs.Job:
+    """One transition through the one write path; the job as stored after it. Raise LeaseLost
+    with the reason when the guard fails; a rejected item fails the test."""
+    [outcome] = await repo.apply([t], worker_id=worker_id, now=now)
+    if isinstance(outcome, repository.Lost):
+        raise repository.LeaseLost(outcome.reason)
+    assert outcome == repository.Applied(), outcome
+    return await repo.get_job(t.job_id)
+
+
+def path_to(start: S, goal: S) -> list[S]:
+    """The shortest run of legal worker edges from `start` to `goal` (lifecycle.EDGES)."""
+    paths: dict[S, list[S]] = {start: []}
+    frontier = [start]
+    while frontier:
+        here = frontier.pop(0)
+        if here is goal:
+            return paths[here]
+        for a, b in lifecycle.EDGES:
+            if a is here and b not in paths and lifecycle.allowed(a, b):
+                paths[b] = [*paths[here], b]
+                frontier.append(b)
+    raise AssertionError(f"no legal path {start} -> {goal}")
+
+
+async def walk(
+    repo: repository.Repository, job: jobs.Job, to: S, message: str = "", *,
+    worker_id: str = "w1", now: dt.datetime = T0, **fields: object,
+) -> jobs.Job:
+    """Move `job` to `to` along legal edges; `fields` and `message` go with the last step."""
+    for state in path_to(job.state, to):
+        last = state is to
+        job = await change(repo, step(job, state, message if last else "",
+                                      **(fields if last else {})),
+                           worker_id=worker_id, now=now)
+    return job
+
+
+def lost_ids(items: list[jobs.Transition | jobs.Reschedule],
+             outcomes: list[repository.Outcome]) -> set[str]:
+    return {i.job_id for i, o in zip(items, outcomes, strict=True)
+            if isinstance(o, repository.Lost)}
 
 
 async def sql(url: str, statement: str, **params: Any) -> list[dict[str, Any]]:
@@ -167,8 +215,8 @@ async def test_claim_due_leases_each_job_to_one_worker(
 async def test_claim_due_order_and_due_time(repo: repository.Repository) -> None:
     first, second, done = await make_jobs(repo, 3)
     at = {first.id: T0 + dt.timedelta(seconds=200), second.id: T0 + dt.timedelta(seconds=100)}
+    await walk(repo, done, S.FAILED, error="boom")
     await repo.apply(
-        [step(done, S.FAILED, error="boom")],
         [jobs.Reschedule(job_id=job_id, expected=S.CLAIMED, next_run_at=when, bes_status=None,
                          poll_count=0) for job_id, when in at.items()],
         worker_id="w1", now=T0,
@@ -200,7 +248,7 @@ async def test_expired_lease_is_taken_over_with_an_event(repo: repository.Reposi
     assert (last.from_state, last.to_state, last.worker) == (S.CLAIMED, S.CLAIMED, "w2")
     # The old owner's late write is refused.
     with pytest.raises(repository.LeaseLost, match="leased to w2"):
-        await repo.transition(step(job, S.ACCEPTED), worker_id="w1", now=late)
+        await change(repo, step(job, S.ACCEPTED), worker_id="w1", now=late)
 
 
 # -- transitions -------------------------------------------------------------------------------
@@ -208,14 +256,15 @@ async def test_transition_is_guarded_and_writes_an_event(repo: repository.Reposi
     [job] = await make_jobs(repo, 1)
     now = T0 + dt.timedelta(seconds=2)
     with pytest.raises(repository.LeaseLost):
-        await repo.transition(step(job, S.ACCEPTED), worker_id="w2", now=now)  # not the owner
+        await change(repo, step(job, S.ACCEPTED), worker_id="w2", now=now)  # not the owner
     wrong = jobs.Transition(job_id=job.id, expected=S.UPLOADED, to=S.SUBMITTED, message="x")
     with pytest.raises(repository.LeaseLost, match="found state claimed"):
-        await repo.transition(wrong, worker_id="w1", now=now)
+        await change(repo, wrong, worker_id="w1", now=now)
     assert len(await repo.events(job.id)) == 1  # failed guards leave no trace
 
     nxt = now + dt.timedelta(seconds=7)
-    moved = await repo.transition(
+    moved = await change(
+        repo,
         jobs.Transition(job_id=job.id, expected=S.CLAIMED, to=S.ACCEPTED, message="spooled",
                         fields={"input_path": "/spool/a.csv", "input_sha256": "ab" * 32,
                                 "input_size": 12},
@@ -230,8 +279,12 @@ async def test_transition_is_guarded_and_writes_an_event(repo: repository.Reposi
     assert (event.from_state, event.to_state, event.message, event.worker) == (
         S.CLAIMED, S.ACCEPTED, "spooled", "w1")
 
-    with pytest.raises(ValueError, match="cannot set 'lease_owner'"):
-        await repo.transition(step(moved, S.UPLOADED, lease_owner="w9"), worker_id="w1", now=now)
+    # A field no change may set is a bug: the item is rejected and nothing is written.
+    [refused] = await repo.apply([step(moved, S.UPLOADED, lease_owner="w9")], worker_id="w1",
+                                 now=now + dt.timedelta(seconds=1))
+    assert isinstance(refused, repository.Rejected)
+    assert "cannot set 'lease_owner'" in refused.reason
+    assert await repo.get_job(job.id) == moved
 
 
 async def test_terminal_transition_frees_the_lease_and_keeps_no_secret(
@@ -239,11 +292,11 @@ async def test_terminal_transition_frees_the_lease_and_keeps_no_secret(
 ) -> None:
     [job] = await make_jobs(repo, 1)
     now = T0 + dt.timedelta(seconds=90)
-    failed = await repo.transition(
-        step(job, S.FAILED, "failed: https://a.blob/x?sv=1&sig=SECRETSIG",
-             error="download of https://a.blob/c/r.csv?sv=2&sig=SECRETSIG failed",
-             error_code="AuthenticationFailed",
-             result_refs={"output1": "https://a.blob/c/r.csv"}),
+    failed = await walk(
+        repo, job, S.FAILED, "failed: https://a.blob/x?sv=1&sig=SECRETSIG",
+        error="download of https://a.blob/c/r.csv?sv=2&sig=SECRETSIG failed",
+        error_code="AuthenticationFailed",
+        result_refs={"output1": "https://a.blob/c/r.csv"},
         worker_id="w1", now=now,
     )
     assert failed.state is S.FAILED
@@ -265,25 +318,22 @@ async def test_apply_batch_mixed_lost_and_ok(
                                                   lease_s=LEASE_S)] if j is not None]
     # Bring j3, j4 to STARTED with a BES status.
     for j in (j3, j4):
-        await repo.transition(
-            jobs.Transition(job_id=j.id, expected=S.CLAIMED, to=S.STARTED, message="started",
-                            fields={"bes_job_id": "b" + j.id[:8], "bes_status": "NotStarted"}),
-            worker_id="w1", now=T0,
-        )
+        await walk(repo, j, S.STARTED, "started", bes_job_id="b" + j.id[:8],
+                   bes_status="NotStarted")
     now = T0 + dt.timedelta(seconds=3)
     when = now + dt.timedelta(seconds=4)
-    lost = await repo.apply(
-        [step(j1, S.ACCEPTED, "spooled", input_path="/spool/1"),
-         jobs.Transition(job_id=j2.id, expected=S.UPLOADED, to=S.SUBMITTED, message="bad")],
-        [jobs.Reschedule(job_id=j3.id, expected=S.STARTED, next_run_at=when,
-                         bes_status="Running", poll_count=1),
-         jobs.Reschedule(job_id=j4.id, expected=S.STARTED, next_run_at=when,
-                         bes_status="NotStarted", poll_count=1),
-         jobs.Reschedule(job_id=other.id, expected=S.CLAIMED, next_run_at=when,
-                         bes_status=None, poll_count=1)],
-        worker_id="w1", now=now,
-    )
-    assert lost == {j2.id, other.id}
+    items: list[jobs.Transition | jobs.Reschedule] = [
+        step(j1, S.ACCEPTED, "spooled", input_path="/spool/1"),
+        jobs.Transition(job_id=j2.id, expected=S.UPLOADED, to=S.SUBMITTED, message="bad"),
+        jobs.Reschedule(job_id=j3.id, expected=S.STARTED, next_run_at=when,
+                        bes_status="Running", poll_count=1),
+        jobs.Reschedule(job_id=j4.id, expected=S.STARTED, next_run_at=when,
+                        bes_status="NotStarted", poll_count=1),
+        jobs.Reschedule(job_id=other.id, expected=S.CLAIMED, next_run_at=when,
+                        bes_status=None, poll_count=1),
+    ]
+    assert lost_ids(items, await repo.apply(items, worker_id="w1", now=now)) == {
+        j2.id, other.id}
     got = {j.id: j for j in await repo.list_jobs()}
     assert (got[j1.id].state, got[j1.id].input_path) == (S.ACCEPTED, "/spool/1")
     assert got[j2.id].state is S.CLAIMED and got[j2.id].updated_at == T0
@@ -303,15 +353,17 @@ async def test_apply_batch_mixed_lost_and_ok(
 async def test_apply_the_same_job_twice_in_one_batch(repo: repository.Repository) -> None:
     [job] = await make_jobs(repo, 1)
     now = T0 + dt.timedelta(seconds=1)
-    lost = await repo.apply(
-        [step(job, S.ACCEPTED),
-         jobs.Transition(job_id=job.id, expected=S.ACCEPTED, to=S.UPLOADED, message="up"),
-         jobs.Transition(job_id=job.id, expected=S.CLAIMED, to=S.FAILED, message="stale")],
-        [jobs.Reschedule(job_id=job.id, expected=S.UPLOADED, next_run_at=now,
-                         bes_status="x", poll_count=3)],
-        worker_id="w1", now=now,
-    )
-    assert lost == {job.id}  # the stale third item
+    items: list[jobs.Transition | jobs.Reschedule] = [
+        step(job, S.ACCEPTED),
+        jobs.Transition(job_id=job.id, expected=S.ACCEPTED, to=S.UPLOADED, message="up"),
+        jobs.Transition(job_id=job.id, expected=S.CLAIMED, to=S.FAILING, message="stale"),
+        jobs.Reschedule(job_id=job.id, expected=S.UPLOADED, next_run_at=now,
+                        bes_status="x", poll_count=3),
+    ]
+    outcomes = await repo.apply(items, worker_id="w1", now=now)
+    assert lost_ids(items, outcomes) == {job.id}  # the stale third item
+    assert [type(o) for o in outcomes] == [repository.Applied, repository.Applied,
+                                           repository.Lost, repository.Applied]
     stored = await repo.get_job(job.id)
     assert (stored.state, stored.poll_count, stored.bes_status) == (S.UPLOADED, 3, "x")
     assert [e.to_state for e in await repo.events(job.id)] == [
@@ -325,8 +377,7 @@ async def test_apply_in_order_reschedule_then_transition_in_one_batch(
     applied in the order they were made, both succeed (the writer once applied transitions
     first, failed the reschedule's guard, and the worker dropped a job that had moved on)."""
     [job] = await make_jobs(repo, 1)
-    await repo.transition(step(job, S.STARTED, "started", bes_job_id="b1", bes_status="Running"),
-                          worker_id="w1", now=T0)
+    await walk(repo, job, S.STARTED, "started", bes_job_id="b1", bes_status="Running")
     now = T0 + dt.timedelta(seconds=1)
     items: list[jobs.Transition | jobs.Reschedule] = [
         jobs.Reschedule(job_id=job.id, expected=S.STARTED, next_run_at=now,
@@ -335,21 +386,23 @@ async def test_apply_in_order_reschedule_then_transition_in_one_batch(
                         message="finished", fields={"bes_status": "Finished"}),
         jobs.Transition(job_id=job.id, expected=S.STARTED, to=S.FAILING, message="stale"),
     ]
-    assert await repo.apply_in_order(items, worker_id="w1", now=now) == [True, True, False]
+    outcomes = await repo.apply(items, worker_id="w1", now=now)
+    assert [type(o) for o in outcomes] == [repository.Applied, repository.Applied,
+                                           repository.Lost]
     stored = await repo.get_job(job.id)
     assert (stored.state, stored.poll_count, stored.bes_status) == (
         S.REMOTE_FINISHED, 1, "Finished")
 
 
 async def test_apply_nothing(repo: repository.Repository) -> None:
-    assert await repo.apply([], [], worker_id="w1", now=T0) == set()
+    assert await repo.apply([], worker_id="w1", now=T0) == []
 
 
 # -- workers -----------------------------------------------------------------------------------
 async def test_heartbeat_and_release(repo: repository.Repository, database_url: str) -> None:
     await repo.register_worker("w1", host="h", pid=42, now=T0)
     a, b, c = await make_jobs(repo, 3, worker="w1")
-    await repo.transition(step(c, S.DONE), worker_id="w1", now=T0)
+    await walk(repo, c, S.DONE)
     await repo2_create(repo, "w2")
     later = T0 + dt.timedelta(seconds=20)
     assert await repo.heartbeat("w1", now=later, lease_s=LEASE_S) == 2
@@ -439,9 +492,8 @@ async def test_queue_row_for_a_claimed_key_points_at_the_holder(
 # -- people's actions ----------------------------------------------------------------------------
 async def test_request_cancel(repo: repository.Repository) -> None:
     job, done = await make_jobs(repo, 2)
-    started = await repo.transition(step(job, S.STARTED, bes_job_id="b1"), worker_id="w1",
-                                    now=T0)
-    await repo.transition(step(done, S.DONE), worker_id="w1", now=T0)
+    started = await walk(repo, job, S.STARTED, bes_job_id="b1")
+    await walk(repo, done, S.DONE)
     now = T0 + dt.timedelta(seconds=5)
     cancelling = await repo.request_cancel(job.id[:6], now=now)
     assert cancelling.state is S.CANCELLING and cancelling.cancel_requested
@@ -451,7 +503,7 @@ async def test_request_cancel(repo: repository.Repository) -> None:
         S.STARTED, S.CANCELLING, "cancel requested", None)
     # The worker that held it finds out at its next write.
     with pytest.raises(repository.LeaseLost):
-        await repo.transition(step(started, S.REMOTE_FINISHED), worker_id="w1", now=now)
+        await change(repo, step(started, S.REMOTE_FINISHED), worker_id="w1", now=now)
     # Asking twice changes nothing; an ended job cannot be cancelled.
     assert await repo.request_cancel(job.id, now=now) == cancelling
     with pytest.raises(repository.InvalidState, match="done"):
@@ -465,20 +517,14 @@ async def test_request_cancel(repo: repository.Repository) -> None:
 
 async def test_retry(repo: repository.Repository) -> None:
     [job] = await make_jobs(repo, 1)
-    await repo.transition(
-        step(job, S.STARTED, bes_job_id="b1", bes_status="Running", poll_count=4,
-             input_path="/spool/x", started_at=T0, submitted_at=T0,
-             deadline_at=T0 + dt.timedelta(hours=1)),
-        worker_id="w1", now=T0,
-    )
+    await walk(repo, job, S.STARTED, bes_job_id="b1", bes_status="Running", poll_count=4,
+               input_path="/spool/x", started_at=T0, submitted_at=T0,
+               deadline_at=T0 + dt.timedelta(hours=1))
     with pytest.raises(repository.InvalidState, match="only failed or cancelled"):
         await repo.retry(job.id, now=T0)
     failing = await repo.get_job(job.id)
-    await repo.transition(
-        step(failing, S.FAILED, input_path="/failed/a.csv", error="Details: bad input",
-             error_code="BadArgument", result_refs={"o": "u"}, outputs={"o": "/out/a.o.csv"}),
-        worker_id="w1", now=T0,
-    )
+    await walk(repo, failing, S.FAILED, input_path="/failed/a.csv", error="Details: bad input",
+               error_code="BadArgument", result_refs={"o": "u"}, outputs={"o": "/out/a.o.csv"})
     now = T0 + dt.timedelta(minutes=1)
     again = await repo.retry(job.id, now=now)
     assert again.state is S.CLAIMED
@@ -500,7 +546,7 @@ async def test_lists_and_counts(repo: repository.Repository) -> None:
     made = []
     for i in range(3):
         made += await make_jobs_at(repo, f"k{i}", T0 + dt.timedelta(seconds=i))
-    await repo.transition(step(made[0], S.DONE), worker_id="w1", now=T0)
+    await walk(repo, made[0], S.DONE)
     assert [j.id for j in await repo.list_jobs()] == [j.id for j in reversed(made)]
     assert [j.id for j in await repo.list_jobs(state=S.DONE)] == [made[0].id]
     assert await repo.list_jobs(service="nope") == []
@@ -532,11 +578,9 @@ HISTORY_COLUMNS = {
 async def test_job_history_view(repo: repository.Repository) -> None:
     done, running = await make_jobs(repo, 2)
     finish = T0 + dt.timedelta(seconds=90, microseconds=500_000)
-    await repo.transition(
-        step(done, S.DONE, bes_job_id="539d0bc2", bes_status="Finished", input_sha256="ab" * 32,
-             submitted_at=T0 + dt.timedelta(seconds=1), outputs={"output1": "/out/f0.output1.csv"}),
-        worker_id="w1", now=finish,
-    )
+    await walk(repo, done, S.DONE, bes_job_id="539d0bc2", bes_status="Finished",
+               input_sha256="ab" * 32, submitted_at=T0 + dt.timedelta(seconds=1),
+               outputs={"output1": "/out/f0.output1.csv"}, now=finish)
     rows = {r["job_id"]: r for r in await repo.history()}
     assert list(rows) == sorted(rows, reverse=True)  # same created_at: job_id breaks the tie
     d, r = rows[done.id], rows[running.id]
@@ -605,12 +649,12 @@ async def test_heartbeat_concurrent_with_batch_writes(repo: repository.Repositor
 
     async def write() -> None:
         for i in range(10):
-            lost = await repo.apply(
-                [], [jobs.Reschedule(job_id=j.id, expected=S.CLAIMED, next_run_at=now,
-                                     bes_status=f"s{i}", poll_count=i) for j in reversed(made)],
+            outcomes = await repo.apply(
+                [jobs.Reschedule(job_id=j.id, expected=S.CLAIMED, next_run_at=now,
+                                 bes_status=f"s{i}", poll_count=i) for j in reversed(made)],
                 worker_id="w1", now=now,
             )
-            assert lost == set()
+            assert outcomes == [repository.Applied()] * len(made)
 
     await asyncio.gather(beat(), write(), beat())
     assert {j.poll_count for j in await repo.list_jobs()} == {9}

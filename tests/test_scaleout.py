@@ -281,10 +281,10 @@ async def _make_sqlite_history(url: str) -> dict[str, Any]:
         assert done is not None
         for expected, to in ((lifecycle.JobState.CLAIMED, lifecycle.JobState.FAILING),
                              (lifecycle.JobState.FAILING, lifecycle.JobState.FAILED)):
-            await repo.transition(
-                jobs.Transition(job_id=done.id, expected=expected, to=to, message=f"to {to}",
-                                fields={"error": "boom", "error_code": "X"}),
-                worker_id="old-host-1", now=now)
+            assert await repo.apply(
+                [jobs.Transition(job_id=done.id, expected=expected, to=to, message=f"to {to}",
+                                 fields={"error": "boom", "error_code": "X"})],
+                worker_id="old-host-1", now=now) == [repository.Applied()]
         await repo.enqueue(["/in/q1.csv", "/in/q2.csv"], service="svc", now=now)
         claimed = await repo.claim_queue(
             worker_id="old-host-1", now=now, lease_s=30, limit=1,
