@@ -124,7 +124,7 @@ def test_example_file_parses_and_documents_every_key(tmp_path: Path) -> None:
             if name == "name" and model is not config.WatchConfig:
                 continue
             key = f"{name}_env" if config._is_secret(field.annotation) else name
-            assert f"{key} =" in documented or f"{key}=" in documented, (model.__name__, key)
+            assert f"{key} =" in documented or f".{key}]" in documented, (model.__name__, key)
 
 
 # ---- one line naming the key ---------------------------------------------------------------
