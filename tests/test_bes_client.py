@@ -17,8 +17,8 @@ from aiohttp import web
 
 from orchestrator import azurite as azurite_mod
 from orchestrator import config, errors
-from orchestrator.bes import client as client_mod
-from orchestrator.bes import protocol, throttle
+from orchestrator.backends.bes import client as client_mod
+from orchestrator.backends.bes import protocol, throttle
 from orchestrator.emulator import options as emu_options
 from orchestrator.emulator import server as emu_server
 from orchestrator.storage import blob, naming

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from orchestrator import errors
-from orchestrator.bes import protocol, throttle
+from orchestrator.backends.bes import protocol, throttle
 
 FINISHED_BODY = {
     "StatusCode": "Finished",

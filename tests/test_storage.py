@@ -17,7 +17,7 @@ from aiohttp import web
 
 from orchestrator import azurite as azurite_mod
 from orchestrator import config, errors
-from orchestrator.bes import protocol
+from orchestrator.backends.bes import protocol
 from orchestrator.storage import blob, naming
 
 MiB = 1024 * 1024

@@ -1,10 +1,11 @@
 """The pipeline's steps. Each takes a job and the adapters, performs one external effect, and
 returns what should happen next. Steps never touch the database: the worker applies results
 with guarded transitions, so a step may be repeated after a crash and must be idempotent.
+Steps reach a remote service only through the backend seam (`backends.base.Backend`).
 
 Errors: a step raises `errors.TransientError` (the worker retries it with backoff) or
 `errors.PermanentError` (the job fails with that code and message). Domain outcomes, like
-"still running" or "BES said Failed", are returned.
+"still running" or "the remote job failed", are returned.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from collections.abc import Mapping
 
 import aiohttp
 
-from orchestrator import config, lifecycle
-from orchestrator.bes import client as bes_client
-from orchestrator.bes import protocol, throttle
+from orchestrator import config, jobs, lifecycle
+from orchestrator.backends import base, registry
 from orchestrator.storage import blob
 
 
@@ -28,12 +28,12 @@ class Advance:
 
     to: lifecycle.JobState
     message: str
-    fields: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    fields: jobs.Fields = dataclasses.field(default_factory=lambda: jobs.Fields())
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Wait:
-    """The BES job is still queued or running: look again after `delay_s`."""
+    """The remote job is still queued or running: look again after `delay_s`."""
 
     delay_s: float
     bes_status: str
@@ -46,7 +46,7 @@ class Fail:
 
     code: str
     message: str
-    fields: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    fields: jobs.Fields = dataclasses.field(default_factory=lambda: jobs.Fields())
 
 
 StepResult = Advance | Wait | Fail
@@ -54,17 +54,21 @@ StepResult = Advance | Wait | Fail
 
 @dataclasses.dataclass(kw_only=True)
 class Context:
-    """The adapters a step may use. Built once by the worker."""
+    """The adapters a step may use. Built once by the worker (`open_context`)."""
 
     settings: config.Settings
-    bes: Mapping[str, bes_client.BesClient]
+    #: Service name -> its backend: the only way a step reaches a remote service.
+    backends: Mapping[str, base.Backend]
     blobs: blob.BlobStore
-    #: Fresh SAS references seen by the poll step, so download need not ask again. Never stored:
-    #: after a restart the download step fetches them with one status call.
-    sas_cache: dict[str, Mapping[str, protocol.ResultRef]]
+    #: Result references seen by the poll step, so download need not ask again. Never stored
+    #: (they may carry SAS tokens, or an RRS answer): after a restart the download step asks
+    #: the backend once more.
+    result_cache: dict[str, Mapping[str, base.ResultRef]]
     #: Per-stage limits: transfers beyond these wait here, not in the storage account.
     uploads: asyncio.Semaphore
     downloads: asyncio.Semaphore
+    #: Jobs whose submit failed in transit: it may have taken effect.
+    submit_uncertain: set[str] = dataclasses.field(default_factory=set)
     #: Jobs whose start call failed in transit: it may have taken effect, so check first.
     start_uncertain: set[str] = dataclasses.field(default_factory=set)
     rng: random.Random = dataclasses.field(default_factory=random.Random)
@@ -72,8 +76,12 @@ class Context:
     def service(self, name: str) -> config.ServiceConfig:
         return self.settings.service(name)
 
-    def client(self, name: str) -> bes_client.BesClient:
-        return self.bes[name]
+    def backend(self, name: str) -> base.Backend:
+        return self.backends[name]
+
+    def client(self, name: str) -> base.Backend:
+        """The service's backend (older name of `backend`, kept for callers of `cancel`)."""
+        return self.backends[name]
 
 
 async def open_context(
@@ -83,12 +91,12 @@ async def open_context(
     d = settings.daemon
     blobs = blob.BlobStore(settings.storage, session)
     await blobs.ensure_container()
+    shared = registry.Shared(settings=settings, session=session, blobs=blobs)
     return Context(
         settings=settings,
-        bes={name: bes_client.BesClient(svc, session, gate=throttle.ServiceGate())
-             for name, svc in settings.services.items()},
+        backends={name: registry.build(svc, shared) for name, svc in settings.services.items()},
         blobs=blobs,
-        sas_cache={},
+        result_cache={},
         uploads=asyncio.Semaphore(d.uploads),
         downloads=asyncio.Semaphore(d.downloads),
         rng=rng,
@@ -96,4 +104,6 @@ async def open_context(
 
 
 async def close_context(ctx: Context) -> None:
+    for backend in ctx.backends.values():
+        await backend.close()
     await ctx.blobs.close()

@@ -3,91 +3,111 @@ job in its timer heap between polls, so a waiting job holds no slot and no corou
 
 from __future__ import annotations
 
-from orchestrator import backoff, clock, config, jobs, lifecycle, steps
-from orchestrator.bes import protocol
+import random
+
+from orchestrator import backoff, clock, config, jobs, lifecycle, metrics, steps
+from orchestrator.backends import base
 
 #: A poll is never scheduled later than this past the job's deadline.
 DEADLINE_SLACK_S = 0.5
 
 
+def _resubmit_on(service: config.ServiceConfig) -> tuple[str, ...]:
+    return service.resubmit_on if isinstance(service, config.BesService) else ()
+
+
+def _max_resubmits(service: config.ServiceConfig) -> int:
+    return service.max_resubmits if isinstance(service, config.BesService) else 0
+
+
 def environmental(details: str, service: config.ServiceConfig) -> bool:
-    """Pure: does the failure say the environment (storage, network) failed, not the input?"""
+    """Pure: does the failure say the environment (storage, network) failed, not the input?
+    (`resubmit_on`, a BES setting: other kinds never resubmit.)"""
     text = details.lower()
-    return any(pattern.lower() in text for pattern in service.resubmit_on)
+    return any(pattern.lower() in text for pattern in _resubmit_on(service))
 
 
 def resubmit(
-    job: jobs.Job, report: protocol.StatusReport, service: config.ServiceConfig
+    job: jobs.Job, report: base.Report, service: config.ServiceConfig, noun: str = "BES job"
 ) -> steps.Advance:
-    """Back to ACCEPTED: the input is uploaded again (waiting out a storage outage through the
-    upload step's transient retries) and a new BES job is submitted. The failed BES job is
+    """Back to ACCEPTED: the input is prepared again (waiting out a storage outage through the
+    upload step's transient retries) and a new remote job is submitted. The failed one is
     over, so nothing is started twice."""
     n = job.resubmits + 1
     return steps.Advance(
         to=lifecycle.JobState.ACCEPTED,
         message=(
-            f"BES job {job.bes_job_id} failed because of its environment ({report.details});"
-            f" submitting again ({n} of {service.max_resubmits})"
+            f"{noun} {job.bes_job_id} failed because of its environment ({report.details});"
+            f" submitting again ({n} of {_max_resubmits(service)})"
         ),
         fields={
-            "resubmits": n, "bes_job_id": None, "bes_status": report.status.value,
+            "resubmits": n, "bes_job_id": None, "bes_status": report.status,
             "poll_count": 0, "submitted_at": None, "started_at": None, "deadline_at": None,
         },
     )
 
 
 def decide(
-    job: jobs.Job, report: protocol.StatusReport, service: config.ServiceConfig, ctx: steps.Context
+    job: jobs.Job,
+    report: base.Report,
+    service: config.ServiceConfig,
+    *,
+    rng: random.Random,
+    noun: str = "BES job",
+    code_prefix: str = "Bes",
 ) -> steps.StepResult:
-    """Pure: what a status report means for the job."""
-    status = report.status
-    if status is protocol.BesStatus.FINISHED:
+    """Pure: what a status report means for the job. `noun` and `code_prefix` come from the
+    backend ("BES job", "Bes" give "the BES job failed" and BesJobFailed)."""
+    phase = report.phase
+    if phase is base.Phase.FINISHED:
         return steps.Advance(
             to=lifecycle.JobState.REMOTE_FINISHED,
-            message="BES job finished",
+            message=f"{noun} finished",
             fields={
-                "bes_status": status.value,
+                "bes_status": report.status,
                 "result_refs": {n: r.public_url for n, r in report.results.items()},
             },
         )
-    if status is protocol.BesStatus.FAILED and environmental(report.details, service):
-        if job.resubmits < service.max_resubmits:
-            return resubmit(job, report, service)
-    if status is protocol.BesStatus.FAILED:
+    if phase is base.Phase.FAILED and environmental(report.details, service):
+        if job.resubmits < _max_resubmits(service):
+            return resubmit(job, report, service, noun)
+    if phase is base.Phase.FAILED:
         return steps.Fail(
-            code="BesJobFailed",
-            message=f"the BES job failed: {report.details or '(no details given)'}",
-            fields={"bes_status": status.value},
+            code=f"{code_prefix}JobFailed",
+            message=f"the {noun} failed: {report.details or '(no details given)'}",
+            fields={"bes_status": report.status},
         )
-    if status is protocol.BesStatus.CANCELLED:
+    if phase is base.Phase.CANCELLED:
         return steps.Fail(
-            code="BesJobCancelled",
-            message=f"the BES job was cancelled outside this daemon: {report.details}".strip(),
-            fields={"bes_status": status.value},
+            code=f"{code_prefix}JobCancelled",
+            message=f"the {noun} was cancelled outside this daemon: {report.details}".strip(),
+            fields={"bes_status": report.status},
         )
-    delay = backoff.poll_delay_s(service.poll, job.poll_count, rng=ctx.rng)
+    delay = backoff.poll_delay_s(service.poll, job.poll_count, rng=rng)
     if job.deadline_at is not None:
         left = (job.deadline_at - clock.now()).total_seconds()
         delay = min(delay, max(0.0, left) + DEADLINE_SLACK_S)
-    return steps.Wait(delay_s=delay, bes_status=status.value, poll_count=job.poll_count + 1)
+    return steps.Wait(delay_s=delay, bes_status=report.status, poll_count=job.poll_count + 1)
 
 
 async def run(job: jobs.Job, ctx: steps.Context) -> steps.StepResult:
     assert job.bes_job_id is not None
     service = ctx.service(job.service)
-    client = ctx.client(job.service)
+    backend = ctx.backend(job.service)
     if job.deadline_at is not None and clock.now() >= job.deadline_at:
-        await client.cancel(job.bes_job_id)
+        await backend.cancel(job.bes_job_id)
         return steps.Fail(
             code="Timeout",
             message=(
                 f"the job did not finish within its timeout of {service.job_timeout_s:g} s "
-                f"(last BES status {job.bes_status or 'unknown'}); the BES job was cancelled"
+                f"(last status {job.bes_status or 'unknown'}); the {backend.noun} was cancelled"
             ),
-            fields={"bes_status": protocol.BesStatus.CANCELLED.value},
+            fields={"bes_status": "Cancelled"},
         )
-    report = await client.status(job.bes_job_id)
-    result = decide(job, report, service, ctx)
-    if isinstance(result, steps.Advance):
-        ctx.sas_cache[job.id] = report.results
+    metrics.polls.labels(job.service).inc()
+    report = await backend.status(job)
+    result = decide(job, report, service, rng=ctx.rng, noun=backend.noun,
+                    code_prefix=backend.code_prefix)
+    if isinstance(result, steps.Advance) and result.to is lifecycle.JobState.REMOTE_FINISHED:
+        ctx.result_cache[job.id] = report.results
     return result

@@ -1,36 +1,22 @@
-"""SUBMITTED -> STARTED. Only stored ids are started. A lost start response is resolved by
-calling start again: either it takes effect now (the first never arrived) or BES answers
-CannotStartJob, which means it had (SPEC §2), so no job is ever started twice."""
+"""SUBMITTED -> STARTED. Only committed ids are started. A start whose answer was lost is
+resolved by the backend before it starts again (BES: a status past NotStarted proves it, and a
+second start is refused with CannotStartJob), so no job is ever started twice. Where submit
+already started the job (batch endpoints, RRS) this step only records the milestone."""
 
 from __future__ import annotations
 
 from orchestrator import clock, errors, jobs, lifecycle, steps
-from orchestrator.bes import client as bes_client
-from orchestrator.bes import protocol
 
 
 async def run(job: jobs.Job, ctx: steps.Context) -> steps.StepResult:
-    assert job.bes_job_id is not None, "SUBMITTED without a BES job id"
-    client = ctx.client(job.service)
-    started = steps.Advance(
-        to=lifecycle.JobState.STARTED, message="", fields={"started_at": clock.now()}
-    )
-    if job.attempts > 1 or job.id in ctx.start_uncertain:
-        # An earlier start may have taken effect (lost response, or a crash after the call):
-        # a status past NotStarted proves it, and then start is not called again.
-        report = await client.status(job.bes_job_id)
-        if report.status is not protocol.BesStatus.NOT_STARTED:
-            return _with(started, f"BES job already {report.status.value}; not started again")
+    assert job.bes_job_id is not None, "SUBMITTED without a remote job id"
+    maybe = job.attempts > 1 or job.id in ctx.start_uncertain
     try:
-        await client.start(job.bes_job_id)
-    except bes_client.StartConflict:
-        return _with(started, "BES job was already started (CannotStartJob)")
+        message = await ctx.backend(job.service).start(job, maybe_started=maybe)
     except errors.TransientError:
         ctx.start_uncertain.add(job.id)
         raise
     ctx.start_uncertain.discard(job.id)
-    return _with(started, "BES job started")
-
-
-def _with(result: steps.Advance, message: str) -> steps.Advance:
-    return steps.Advance(to=result.to, message=message, fields=result.fields)
+    return steps.Advance(
+        to=lifecycle.JobState.STARTED, message=message, fields={"started_at": clock.now()}
+    )

@@ -1,4 +1,5 @@
-"""ACCEPTED -> UPLOADED: put the input in blob storage under the job's deterministic name.
+"""ACCEPTED -> UPLOADED: make the input available to the service (`Backend.prepare_input`:
+BES uploads it to blob storage under the job's deterministic name; RRS checks it fits).
 
 A repeated upload after a crash overwrites the same blob: harmless.
 """
@@ -9,18 +10,18 @@ import asyncio
 from pathlib import Path
 
 from orchestrator import errors, jobs, lifecycle, steps
-from orchestrator.storage import naming
+from orchestrator.backends.bes import backend as bes_backend
 
 
 def input_blob(job: jobs.Job, input_name: str) -> str:
-    return naming.input_blob_name(job.id, input_name, Path(job.input_name).suffix.lower() or ".csv")
+    """The job's input blob name (kept here for callers that clean up after a job)."""
+    return bes_backend.input_blob(job, input_name)
 
 
 async def run(job: jobs.Job, ctx: steps.Context) -> steps.StepResult:
-    service = ctx.service(job.service)
     path = Path(job.input_path)
     if not await asyncio.to_thread(path.exists):
         raise errors.PermanentError(f"input {path} is missing from the spool", code="InputVanished")
     async with ctx.uploads:
-        size = await ctx.blobs.upload_file(path, input_blob(job, service.input_name))
-    return steps.Advance(to=lifecycle.JobState.UPLOADED, message=f"uploaded {size} bytes")
+        message = await ctx.backend(job.service).prepare_input(job)
+    return steps.Advance(to=lifecycle.JobState.UPLOADED, message=message)

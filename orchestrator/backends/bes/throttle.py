@@ -1,4 +1,5 @@
-"""One gate per BES service: pauses on 429/quota 403 and adapts the request rate (SPEC §3).
+"""One gate per web service: pauses on 429/quota 403 and adapts the request rate to what the
+gateway (API Management) lets through.
 
 After a throttled call the whole service pauses until `Retry-After` has passed. The gate then
 caps its own rate at what the gateway let through (successful requests counted over the

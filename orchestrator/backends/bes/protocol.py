@@ -1,4 +1,5 @@
-"""The BES wire format (SPEC §2): request bodies, status parsing, error bodies. Pure, no I/O.
+"""The BES wire format (Azure ML Studio classic Batch Execution Service, api-version 2.0):
+request bodies, status parsing, error bodies. Pure, no I/O.
 
 Parsers are tolerant where real services differ (status as name or integer, `Results: null`,
 missing `Details`, `details` nested or top-level, APIM's own error bodies) and strict where a
@@ -18,10 +19,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from orchestrator import errors
+from orchestrator.storage import naming
 
-#: Output blob names BES accepts (datasets and trained models).
-OUTPUT_EXTENSIONS = (".csv", ".tsv", ".arff", ".ilearner")
-#: Statuses retried with backoff; everything else in 4xx fails the job (SPEC §2).
+#: Statuses retried with backoff; every other 4xx fails the job: 400 (bad request), 401/403
+#: (key refused), 404 (no such job or service) and 409 (conflict) cannot change on a retry.
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 #: Server messages are cut to this length before they go into an error.
 MAX_MESSAGE_CHARS = 500
@@ -45,7 +46,7 @@ class BesStatus(enum.StrEnum):
 TERMINAL_STATUSES: frozenset[BesStatus] = frozenset(
     {BesStatus.FAILED, BesStatus.CANCELLED, BesStatus.FINISHED}
 )
-#: The integer encoding, in SPEC order 0..4.
+#: The integer encoding some services return: NotStarted, Running, Failed, Cancelled, Finished.
 _BY_INDEX: tuple[BesStatus, ...] = (
     BesStatus.NOT_STARTED,
     BesStatus.RUNNING,
@@ -210,9 +211,10 @@ def build_submit_body(
     if not inputs:
         raise errors.PermanentError("a BES job needs at least one input", code="BadRequest")
     for name, ref in outputs.items():
-        if not _relative_location(ref).lower().endswith(OUTPUT_EXTENSIONS):
+        if not _relative_location(ref).lower().endswith(naming.OUTPUT_EXTENSIONS):
             raise errors.PermanentError(
-                f"output {name!r}: blob name must end in one of {', '.join(OUTPUT_EXTENSIONS)}",
+                f"output {name!r}: blob name must end in one of"
+                f" {', '.join(naming.OUTPUT_EXTENSIONS)}",
                 code="BadRequest",
             )
     return {
@@ -227,7 +229,7 @@ def build_submit_body(
 
 
 def is_transient(status: int) -> bool:
-    """Whether an HTTP status is worth retrying (SPEC §2); unknown 5xx are treated as transient."""
+    """Whether an HTTP status is worth retrying (408, 429, 5xx); unknown 5xx are transient."""
     return status in TRANSIENT_STATUSES or status >= 500
 
 

@@ -1,22 +1,26 @@
-"""HTTP client for one BES service (SPEC §2–§3), on the daemon's shared aiohttp session.
+"""HTTP client for one Azure ML Studio (classic) web service, on the daemon's shared aiohttp
+session: the BES job operations and the RRS `execute` call (same URL base, key and errors).
 
 Every failure becomes an `errors` exception the retry logic understands: throttling
 (`ThrottledError`, and the service's gate pauses), transient trouble (`TransientError`: 5xx,
 timeouts, dropped connections) or a permanent refusal (`PermanentError` with the service's most
-specific error code). Messages hold the status, code and the service's message, scrubbed of
-secrets; request bodies (they carry the storage connection string) are never echoed.
+specific error code; also for a URL no retry can fix). Messages hold the status, code and the
+service's message, scrubbed of secrets; request bodies (they carry the storage connection
+string) are never echoed. Every call updates the backend metrics (calls by status class,
+latency, throttling).
 """
 
 from __future__ import annotations
 
 import json
+import time
 import urllib.parse
 from typing import Any
 
 import aiohttp
 
-from orchestrator import config, errors, redact
-from orchestrator.bes import protocol, throttle
+from orchestrator import config, errors, metrics, redact
+from orchestrator.backends.bes import protocol, throttle
 
 API_VERSION = "2.0"
 #: 2xx responses larger than this are refused (a status object is a few KB).
@@ -31,27 +35,40 @@ class StartConflict(errors.PermanentError):
     """`start` refused with CannotStartJob: the caller checks status (Running/Finished: started)."""
 
 
+def web_service_url(base_url: str, workspace: str, service: str) -> str:
+    """`{base}/workspaces/{ws}/services/{id}`: the web service's root (jobs, execute)."""
+    return f"{base_url.rstrip('/')}/workspaces/{workspace}/services/{service}"
+
+
 class BesClient:
-    """submit / start / status / cancel / describe against one configured service."""
+    """submit / start / status / cancel / execute / describe against one web service.
+
+    `service` is a BES or RRS service section: both reach the same web service with the same
+    keys. Its root is `service_url` (default: from `base_url`, `workspace` and `service`);
+    RRS may name its full `execute_url` instead."""
 
     def __init__(
         self,
-        service: config.ServiceConfig,
+        service: config.BesService | config.RrsService,
         session: aiohttp.ClientSession,
         *,
         gate: throttle.ServiceGate | None = None,
+        service_url: str | None = None,
+        execute_url: str | None = None,
     ) -> None:
         self.service = service
         self.session = session
         self.gate = gate
-        self._jobs_url = service.jobs_url
-        self._service_url = self._jobs_url.rsplit("/", 1)[0]
+        if service_url is None:
+            assert service.base_url and service.workspace and service.service
+            service_url = web_service_url(service.base_url, service.workspace, service.service)
+        self._service_url = service_url
+        self._jobs_url = f"{service_url}/jobs"
+        self._execute_url = execute_url or f"{service_url}/execute"
         self._timeout = aiohttp.ClientTimeout(total=service.request_timeout_s)
-        self._secrets = [service.api_key.get()]
-        headers = {
-            "Authorization": f"Bearer {service.api_key.get()}",
-            "Accept": "application/json",
-        }
+        api_key = service.api_key.get()
+        self._secrets = [api_key]
+        headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
         if service.apim_key is not None:
             headers["Ocp-Apim-Subscription-Key"] = service.apim_key.get()
             self._secrets.append(service.apim_key.get())
@@ -87,6 +104,11 @@ class BesClient:
             if exc.status != 404:
                 raise
 
+    async def execute(self, body: dict[str, Any]) -> Any:
+        """RRS `POST /execute?details=true`: the scored tables, synchronously."""
+        return await self._request("POST", self._execute_url, "execute",
+                                   data=json.dumps(body).encode(), params={"details": "true"})
+
     async def describe(self) -> dict[str, Any]:
         """`GET /swagger.json`: the service's input, output and global-parameter names."""
         result = await self._request("GET", f"{self._service_url}/swagger.json", "describe")
@@ -102,18 +124,21 @@ class BesClient:
     def _scrub(self, text: str) -> str:
         return redact.redact(text, self._secrets)
 
-    async def _request(self, method: str, url: str, op: str, *, data: bytes | None = None
-                       ) -> Any:
+    async def _request(self, method: str, url: str, op: str, *, data: bytes | None = None,
+                       params: dict[str, str] | None = None) -> Any:
         if self.gate is not None:
             await self.gate.wait()
         headers = dict(self._headers)
         if data is not None:
             headers["Content-Type"] = "application/json"
+        status: int | None = None
+        began = time.monotonic()
         try:
             async with self.session.request(
-                method, url, params={"api-version": API_VERSION}, data=data,
+                method, url, params={"api-version": API_VERSION, **(params or {})}, data=data,
                 headers=headers, timeout=self._timeout, allow_redirects=False,
             ) as resp:
+                status = resp.status
                 if 200 <= resp.status < 300:
                     body = await resp.content.read(MAX_BODY_BYTES + 1)
                     if self.gate is not None:
@@ -121,6 +146,11 @@ class BesClient:
                     return self._decode(op, resp.status, body)
                 text = (await resp.content.read(MAX_ERROR_BODY_BYTES)).decode("utf-8", "replace")
                 raise self._error(op, resp.status, resp.headers.get("Retry-After"), text)
+        except aiohttp.InvalidURL:
+            # A URL without a host, or not a URL at all: no retry can fix it.
+            raise errors.PermanentError(
+                f"BES {op}: the service URL is not usable (check base_url)", code="BadUrl",
+            ) from None
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise errors.TransientError(
                 f"BES {op}: no response within {self.service.request_timeout_s:g} s",
@@ -132,6 +162,10 @@ class BesClient:
                 f"BES {op}: connection error: {type(exc).__name__}: {self._scrub(str(exc))}",
                 code="ConnectionError",
             ) from exc
+        finally:
+            name = self.service.name
+            metrics.backend_calls.labels(name, op, metrics.status_class(status)).inc()
+            metrics.backend_call_seconds.labels(name, op).observe(time.monotonic() - began)
 
     def _decode(self, op: str, status: int, body: bytes) -> Any:
         if len(body) > MAX_BODY_BYTES:
@@ -155,6 +189,7 @@ class BesClient:
         retry_after_s = protocol.parse_retry_after(retry_after)
         summary = f"HTTP {status} {code}: {message}"
         if status == 429 or (status == 403 and retry_after_s is not None):
+            metrics.throttled.labels(self.service.name).inc()
             if self.gate is not None:
                 self.gate.on_throttled(retry_after_s, self.gate.now())
             return errors.ThrottledError(
