@@ -26,6 +26,7 @@ import sqlalchemy.exc
 from pydantic_core import core_schema
 
 from orchestrator import errors
+from orchestrator.storage import naming
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///state.db"
 DEFAULT_CONTAINER = "bes-orchestrator"
@@ -35,7 +36,6 @@ DEFAULT_HEARTBEAT_S = 10.0
 DEFAULT_MAX_IN_FLIGHT = 20
 DEFAULT_JOB_TIMEOUT_S = 24 * 3600.0
 DEFAULT_OUTPUT_EXTENSION = ".csv"
-OUTPUT_EXTENSIONS = (".csv", ".tsv", ".arff", ".ilearner")
 DEFAULT_HTTP_LISTEN = "127.0.0.1:9464"
 #: Text in a failed BES job's Details that means the environment failed, not the input: such
 #: a job is submitted again (up to max_resubmits) instead of failing. Case-insensitive.
@@ -366,8 +366,8 @@ def _outputs(value: Any) -> Any:
         raise ValueError("must be a table of output name = extension")
     out: dict[str, str] = {}
     for n, ext in value.items():
-        if not isinstance(ext, str) or ext.lower() not in OUTPUT_EXTENSIONS:
-            raise _key_error(str(n), f"extension must be one of {OUTPUT_EXTENSIONS}")
+        if not isinstance(ext, str) or ext.lower() not in naming.OUTPUT_EXTENSIONS:
+            raise _key_error(str(n), f"extension must be one of {naming.OUTPUT_EXTENSIONS}")
         if not str(n) or "/" in str(n) or "\\" in str(n) or str(n).startswith("."):
             raise _key_error(str(n), "is not a usable output name")
         out[str(n)] = ext.lower()

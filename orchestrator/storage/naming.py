@@ -13,7 +13,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from orchestrator import errors
 
-#: Output blob names BES accepts (SPEC §2).
+#: Output blob names BES accepts (datasets and trained models). The one definition: config,
+#: the BES wire format and the emulator use this.
 OUTPUT_EXTENSIONS = (".csv", ".tsv", ".arff", ".ilearner")
 #: Most file systems refuse longer names (bytes, not characters).
 NAME_MAX_BYTES = 255
