@@ -28,7 +28,7 @@ APIM_KEY = "apim-subscription-key-fedcba9876"
 INPUT_CSV = b"Col1,Col2\n1,This is a good day\n"
 
 
-def _service(base_url: str, **kw: Any) -> config.ServiceConfig:
+def _service(base_url: str, **kw: Any) -> config.BesService:
     defaults: dict[str, Any] = dict(
         name="svc", base_url=base_url, workspace="ws1", service="sentiment",
         api_key=config.Secret(API_KEY), request_timeout_s=5.0,

@@ -18,7 +18,7 @@ from orchestrator.steps import poll
 NOW = dt.datetime(2026, 11, 27, tzinfo=dt.UTC)
 
 
-def service(**kw: object) -> config.ServiceConfig:
+def service(**kw: object) -> config.BesService:
     return config.BesService(
         name="svc", base_url="http://127.0.0.1:1", workspace="w", service="s",
         api_key=config.Secret("k" * 10), output_dir=Path("/o"),
