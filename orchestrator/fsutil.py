@@ -7,7 +7,6 @@ import contextlib
 import errno
 import hashlib
 import os
-import shutil
 from pathlib import Path
 
 from orchestrator.storage import naming
@@ -55,18 +54,11 @@ def move_durable(src: Path, dst: Path) -> None:
         fsync_dir(src.parent)
 
 
-def copy_durable(src: Path, dst: Path) -> None:
+def copy_durable(src: Path, dst: Path, *, mode: int = FILE_MODE) -> None:
     """Copy `src` to `dst` through a hidden temp name beside it, fsynced, then renamed: `dst`
     is either absent or complete, whatever happens."""
-    ensure_dir(dst.parent)
-    tmp = naming.temp_name(dst)
+    tmp, _digest, _size = copy_to_temp(src, dst, mode=mode)
     try:
-        with open(src, "rb") as fin, open(
-            os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb"
-        ) as fout:
-            shutil.copyfileobj(fin, fout, _CHUNK)
-            fout.flush()
-            os.fsync(fout.fileno())
         os.rename(tmp, dst)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -74,8 +66,34 @@ def copy_durable(src: Path, dst: Path) -> None:
     fsync_dir(dst.parent)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temp name, fsync, rename: a reader sees the old file or the whole new one."""
+def copy_to_temp(src: Path, dst: Path, *, mode: int = FILE_MODE) -> tuple[Path, str, int]:
+    """Copy `src` to a new hidden temp name beside `dst`, fsynced, hashing the bytes on the way
+    (one read): returns the temp path, SHA-256 hex digest and size. The caller renames the temp
+    into place (or removes it). The copy belongs to this process's user whoever owns `src`."""
+    ensure_dir(dst.parent)
+    tmp = naming.temp_name(dst)
+    h = hashlib.sha256()
+    size = 0
+    try:
+        with open(src, "rb") as fin, open(
+            os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb"
+        ) as fout:
+            while chunk := fin.read(_CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+                fout.write(chunk)
+            fout.flush()
+            os.fsync(fout.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return tmp, h.hexdigest(), size
+
+
+def write_text_atomic(path: Path, text: str, *, sync_dir: bool = True) -> None:
+    """Write to a temp name, fsync, rename: a reader sees the old file or the whole new one.
+    `sync_dir=False` leaves the folder's fsync to the caller (one fsync for several renames)."""
     ensure_dir(path.parent)
     tmp = naming.temp_name(path)
     try:
@@ -88,7 +106,8 @@ def write_text_atomic(path: Path, text: str) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 def remove_stale_temps(final: Path) -> int:

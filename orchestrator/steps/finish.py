@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from pathlib import Path
 
-from orchestrator import clock, errors, fsutil, jobs, lifecycle, steps
+from orchestrator import clock, errors, fsutil, jobs, lifecycle, spool, steps
 from orchestrator.steps import download, upload
 from orchestrator.storage import naming
 
@@ -22,45 +22,77 @@ def _candidates(folder: Path, job: jobs.Job) -> list[Path]:
     return [folder / f"{naming.fit(p.stem, tail)}{tail}", folder / job.input_name]
 
 
-def _move_input(job: jobs.Job, folder: Path) -> str | None:
-    """Move the spooled input into `folder`; returns where it is now (None if it vanished)."""
+def _move_input(job: jobs.Job, folder: Path, spool_dir: Path) -> str | None:
+    """Move the spooled input into `folder`; returns where it is now (None if it vanished).
+    Once it has left the spool, its spool record goes too."""
     src = Path(job.input_path)
     fsutil.ensure_dir(folder)
+    where: str | None
     if src.exists() and (src.parent != folder):
         dst = fsutil.free_name(folder, naming.safe_child(folder, job.input_name).name, job.short_id)
         fsutil.move_durable(src, dst)
-        return str(dst)
-    if src.exists():
-        return str(src)
-    for cand in _candidates(folder, job):
-        if cand.exists():
-            return str(cand)
-    return None
+        where = str(dst)
+    elif src.exists():
+        where = str(src)
+    else:
+        where = next((str(c) for c in _candidates(folder, job) if c.exists()), None)
+    spool.remove_record(spool_dir, job.id)
+    return where
 
 
-def error_text(job: jobs.Job, state: lifecycle.JobState) -> str:
-    what = "was cancelled" if state is lifecycle.JobState.CANCELLED else "failed"
-    lines = [
-        f"The job for {job.input_name} {what}: {job.error or 'no reason was recorded'}",
-        f"Error code: {job.error_code or '-'}.",
-        f"Job id: {job.id}; BES job id: {job.bes_job_id or '(never submitted)'};"
-        f" service: {job.service}; at {clock.iso(clock.now())}.",
+def _sentence(text: str) -> str:
+    text = " ".join(text.split())
+    return text if text.endswith((".", "!", "?")) else f"{text}."
+
+
+def error_text(job: jobs.Job, state: lifecycle.JobState, *, note: str = "") -> str:
+    """The `<name>.error.txt` beside a failed input: sentences for a person, one per line."""
+    if state is lifecycle.JobState.CANCELLED:
+        head = f"The job for {job.input_name} was cancelled."
+        why = (f"Reason: {_sentence(job.error)}" if job.error
+               else "It was cancelled on request (bes-orchestrator jobs cancel).")
+    else:
+        head = f"The job for {job.input_name} failed."
+        why = (f"Reason: {_sentence(job.error)}" if job.error
+               else "No reason was recorded.")
+    lines = [head, "", why]
+    if job.error_code:
+        lines.append(f"Error code: {job.error_code}.")
+    if note:
+        lines.append(_sentence(note))
+    lines += [
+        "",
+        f"Job id: {job.id}.",
+        f"BES job id: {job.bes_job_id}." if job.bes_job_id
+        else "BES job id: none (the job was never submitted).",
+        f"Service: {job.service}.",
+        f"Written at {clock.iso(clock.now())}.",
+        "",
         f"To run it again: bes-orchestrator jobs retry {job.short_id}",
     ]
-    return " ".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
 
 
 def _fail_files(job: jobs.Job, state: lifecycle.JobState,
-                outputs: dict[str, str]) -> str | None:
+                outputs: dict[str, str], spool_dir: Path) -> str | None:
     folder = Path(job.failed_dir)
-    where = _move_input(job, folder)
+    note = ""
+    try:
+        where = _move_input(job, folder, spool_dir)
+    except PermissionError as exc:
+        # An input that never reached the spool (its claim failed) and that the daemon may not
+        # move: it stays where it is, and the error file says so.
+        if Path(job.input_path).parent == spool_dir:
+            raise
+        where = job.input_path
+        note = f"The input was left at {where}: it could not be moved here ({exc.strerror})"
     name = naming.error_file_name(Path(where).name if where else job.input_name)
     error_file = naming.safe_child(folder, name)
     if job.attempts > 1:  # resumed: a killed attempt may have left hidden temp files
         fsutil.remove_stale_temps(error_file)
         for dest in outputs.values():
             fsutil.remove_stale_temps(Path(dest))
-    fsutil.write_text_atomic(error_file, error_text(job, state))
+    fsutil.write_text_atomic(error_file, error_text(job, state, note=note))
     return where
 
 
@@ -77,7 +109,8 @@ def _result_paths(job: jobs.Job, ctx: steps.Context) -> dict[str, str]:
 
 
 async def done(job: jobs.Job, ctx: steps.Context) -> steps.StepResult:
-    where = await asyncio.to_thread(_move_input, job, Path(job.archive_dir))
+    where = await asyncio.to_thread(_move_input, job, Path(job.archive_dir),
+                                  ctx.settings.daemon.spool_dir)
     if ctx.settings.storage.delete_blobs_after_success:
         service = ctx.service(job.service)
         names = [upload.input_blob(job, service.input_name)] + [
@@ -94,7 +127,7 @@ async def done(job: jobs.Job, ctx: steps.Context) -> steps.StepResult:
 
 async def fail(job: jobs.Job, ctx: steps.Context) -> steps.StepResult:
     where = await asyncio.to_thread(_fail_files, job, lifecycle.JobState.FAILED,
-                                    _result_paths(job, ctx))
+                                    _result_paths(job, ctx), ctx.settings.daemon.spool_dir)
     return steps.Advance(
         to=lifecycle.JobState.FAILED,
         message=f"input moved to {where or '(input was gone)'}",
@@ -106,7 +139,7 @@ async def cancel(job: jobs.Job, ctx: steps.Context) -> steps.StepResult:
     if job.bes_job_id is not None:
         await ctx.client(job.service).cancel(job.bes_job_id)
     where = await asyncio.to_thread(_fail_files, job, lifecycle.JobState.CANCELLED,
-                                    _result_paths(job, ctx))
+                                    _result_paths(job, ctx), ctx.settings.daemon.spool_dir)
     return steps.Advance(
         to=lifecycle.JobState.CANCELLED,
         message=f"cancelled; input moved to {where or '(input was gone)'}",
