@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+from azure.core import MatchConditions
 from azure.core import exceptions as azure_errors
 from azure.core.pipeline.transport import AioHttpTransport
 from azure.storage import blob as azblob
@@ -112,6 +113,11 @@ def _from_connection_string(conn: str, container: str, blob: str) -> BlobRef:
     return BlobRef(account_url=endpoint.rstrip("/"), container=container, blob=blob,
                    account_name=name, account_key=key,
                    sas_token=sas.lstrip("?") if sas else None)
+
+
+def from_connection_string(conn: str, container: str, blob: str) -> BlobRef:
+    """A BlobRef to `container/blob` of the account a connection string names."""
+    return _from_connection_string(conn, container, blob)
 
 
 def parse_reference(obj: object) -> BlobRef:
@@ -242,8 +248,19 @@ class Storage:
                 raise StorageError(f"{name}: the connection to storage at {ref.account_url} "
                                    f"broke while reading {ref.container}/{ref.blob}") from None
 
-    async def write(self, ref: BlobRef, chunks: AsyncIterator[bytes], *, name: str) -> None:
-        """Upload the stream: one PUT if it fits in a chunk, else staged blocks then a commit."""
+    async def exists(self, ref: BlobRef, *, name: str) -> bool:
+        try:
+            return bool(await self._client(ref).exists())
+        except azure_errors.AzureError as exc:
+            raise StorageError(describe(exc, name=name, ref=ref, verb="read")) from None
+
+    async def write(self, ref: BlobRef, chunks: AsyncIterator[bytes], *, name: str,
+                    overwrite: bool = True) -> None:
+        """Upload the stream: one PUT if it fits in a chunk, else staged blocks then a commit.
+
+        `overwrite=False`: the write fails (409 BlobAlreadyExists) if the blob exists."""
+        if_missing: dict[str, Any] = {} if overwrite else {
+            "etag": "*", "match_condition": MatchConditions.IfMissing}
         client = self._client(ref)
         buf = bytearray()
         blocks: list[str] = []
@@ -256,11 +273,12 @@ class Storage:
                     del buf[: self._chunk_bytes]
             if not blocks:
                 # A stream, not bytes: aiohttp warns that a large bytes body blocks the loop.
-                await client.upload_blob(io.BytesIO(buf), length=len(buf), overwrite=True)
+                await client.upload_blob(io.BytesIO(buf), length=len(buf), overwrite=overwrite)
                 return
             if buf:
                 blocks.append(await self._stage(client, len(blocks), bytes(buf)))
-            await client.commit_block_list([azblob.BlobBlock(block_id=b) for b in blocks])
+            await client.commit_block_list([azblob.BlobBlock(block_id=b) for b in blocks],
+                                           **if_missing)
         except azure_errors.AzureError as exc:
             raise StorageError(describe(exc, name=name, ref=ref, verb="write")) from None
 

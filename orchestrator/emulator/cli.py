@@ -1,4 +1,4 @@
-"""`bes-orchestrator emulator`: serve the BES emulator until SIGINT/SIGTERM."""
+"""`bes-orchestrator emulator`: serve BES, RRS and batch endpoints until SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
@@ -11,27 +11,6 @@ import click
 from orchestrator import logs
 from orchestrator.emulator import models, server
 from orchestrator.emulator import options as options_mod
-
-
-def _range(name: str) -> click.types.FuncParamType[str, tuple[float, float]]:
-    def convert(value: str) -> tuple[float, float]:
-        try:
-            return options_mod.parse_range(value, name=name)
-        except options_mod.OptionError as exc:
-            raise click.BadParameter(str(exc)) from None
-
-    return click.types.FuncParamType(convert)
-
-
-def _rate(name: str) -> click.types.FuncParamType[str, options_mod.RateLimit]:
-    def convert(value: str) -> options_mod.RateLimit:
-        try:
-            return options_mod.parse_rate(value, name=name)
-        except options_mod.OptionError as exc:
-            raise click.BadParameter(str(exc)) from None
-
-    return click.types.FuncParamType(convert)
-
 
 _PROB = click.FloatRange(0.0, 1.0)
 
@@ -62,13 +41,13 @@ _PROB = click.FloatRange(0.0, 1.0)
 @click.option("--apim-key", default=None, envvar="BES_EMULATOR_APIM_KEY",
               help="Act as API Management: require header Ocp-Apim-Subscription-Key "
                    "(401 otherwise). Env: BES_EMULATOR_APIM_KEY.")
-@click.option("--rate-limit", type=_rate("rate-limit"), default=None, metavar="N/Ss",
+@click.option("--rate-limit", default=None, metavar="N/Ss",
               help="Gateway rate limit, e.g. 100/1s: calls over it get 429 + Retry-After.")
-@click.option("--quota", type=_rate("quota"), default=None, metavar="N/Ss",
+@click.option("--quota", default=None, metavar="N/Ss",
               help="Gateway call quota, e.g. 10000/3600s: calls over it get 403 + Retry-After.")
-@click.option("--queue-delay-s", type=_range("queue-delay-s"), default="0",
+@click.option("--queue-delay-s", default="0",
               metavar="MIN[,MAX]", help="Seconds a started job stays NotStarted.")
-@click.option("--run-time-s", type=_range("run-time-s"), default="0", metavar="MIN[,MAX]",
+@click.option("--run-time-s", default="0", metavar="MIN[,MAX]",
               help="Seconds a job stays Running (at least the real scoring time).")
 @click.option("--failure-rate", type=_PROB, default=0.0,
               help="Fraction of jobs that end Failed with --failure-details.")
@@ -84,55 +63,87 @@ _PROB = click.FloatRange(0.0, 1.0)
 @click.option("--drop-rate", type=_PROB, default=0.0,
               help="Fraction of calls whose connection is closed without a response; half of "
                    "them after the call took effect (e.g. a start whose 204 is lost).")
-@click.option("--slow-response-s", type=_range("slow-response-s"), default="0",
+@click.option("--slow-response-s", default="0",
               metavar="MIN[,MAX]", help="Delay before each answer.")
 @click.option("--int-status", is_flag=True, help="Send StatusCode as an integer 0..4.")
 @click.option("--sas-lifetime-s", type=click.FloatRange(min=1), default=86400.0,
               show_default=True, help="Lifetime of the read SAS tokens in Results.")
+@click.option("--identity-header", default=None, envvar="BES_EMULATOR_IDENTITY_HEADER",
+              help="Batch endpoints: the managed-identity secret clients send as "
+                   "X-IDENTITY-HEADER (their IDENTITY_HEADER); unset: any value is accepted. "
+                   "Env: BES_EMULATOR_IDENTITY_HEADER.")
+@click.option("--token-lifetime-s", type=float, default=options_mod.DEFAULT_TOKEN_LIFETIME_S,
+              show_default=True, help="Lifetime of the tokens GET /msi/token issues.")
+@click.option("--be-deployment", "be_deployments", multiple=True, metavar="NAME=MODEL",
+              help="A deployment every batch endpoint has (repeatable; default "
+                   f"'{options_mod.DEFAULT_DEPLOYMENT}={options_mod.DEFAULT_MODEL}').")
+@click.option("--be-default-deployment", default=None, metavar="NAME",
+              help="The endpoints' default deployment (default: the first --be-deployment).")
+@click.option("--be-no-default-deployment", is_flag=True,
+              help="Endpoints have no default deployment: an invoke must name one.")
+@click.option("--be-workspace-id", default=None, metavar="ARM_ID",
+              help="Serve only this workspace (/subscriptions/../workspaces/NAME); "
+                   "default: any workspace path.")
+@click.option("--be-datastore", default=options_mod.DEFAULT_DATASTORE, show_default=True,
+              help="The Blob datastore batch jobs read and write through.")
+@click.option("--be-account-name", default=None,
+              help="The datastore's account (default: the AccountName of the storage "
+                   "connection string).")
+@click.option("--be-container", default=options_mod.DEFAULT_BE_CONTAINER, show_default=True,
+              help="The datastore's container.")
+@click.option("--be-storage-connection-string", default=None,
+              envvar="BES_EMULATOR_BE_STORAGE",
+              help="How the emulator reads and writes the datastore's blobs (better through "
+                   "the env: BES_EMULATOR_BE_STORAGE).")
+@click.option("--prepare-s", default="0", metavar="MIN[,MAX]",
+              help="Seconds a batch job stays Preparing.")
+@click.option("--finalize-s", default="0", metavar="MIN[,MAX]",
+              help="Seconds a batch job stays Finalizing.")
+@click.option("--cancel-s", default="0.2", metavar="MIN[,MAX]", show_default=True,
+              help="Seconds a batch job stays CancelRequested.")
+@click.option("--not-responding-rate", type=_PROB, default=0.0,
+              help="Fraction of batch jobs that detour through NotResponding while running.")
+@click.option("--not-responding-s", default="1", metavar="MIN[,MAX]", show_default=True,
+              help="Length of a NotResponding detour.")
+@click.option("--arm-reads", default=options_mod.DEFAULT_ARM_READS, show_default=True,
+              metavar="CAPACITY/REFILL_PER_S",
+              help="ARM read token bucket; empty -> 429 + Retry-After. 'off': no limit.")
+@click.option("--arm-writes", default=options_mod.DEFAULT_ARM_WRITES, show_default=True,
+              metavar="CAPACITY/REFILL_PER_S", help="ARM write (cancel) token bucket.")
+@click.option("--arm-page-size", type=click.IntRange(1), default=options_mod.DEFAULT_ARM_PAGE_SIZE,
+              show_default=True, help="Jobs per page of an ARM job list (then nextLink).")
 def emulator_command(**kwargs: object) -> None:
-    """Serve the Azure ML BES protocol (SPEC §2) and RRS on HOST:PORT for development, demos,
+    """Serve the Azure ML BES protocol and RRS, and Azure ML batch endpoints (a managed-identity
+    token endpoint, the scoring plane and the ARM plane), on HOST:PORT for development, demos,
     tests and benchmarks. Jobs really run: inputs are read and outputs written through the
-    storage references in each request (Azurite or any account).
+    storage references in each request (Azurite or any account). docs/emulator.md lists the
+    URLs and knobs.
 
     Prints `emulator listening on http://HOST:PORT` once it accepts connections.
-    Introspection: GET /_emulator/stats, GET /_emulator/jobs/{id}, POST /_emulator/config.
+    Introspection: GET /_emulator/stats, GET /_emulator/jobs/{id},
+    GET /_emulator/batch/jobs/{name}, POST /_emulator/config.
     """
+    values = dict(kwargs)
+    # Repeatable options arrive as tuples; an empty one means "the default".
+    for key in ("be_deployments",):
+        if not values[key]:
+            values.pop(key)
+    if values.pop("be_no_default_deployment"):
+        values["be_default_deployment"] = None
+    elif values["be_default_deployment"] is None:
+        # The first deployment named, as a one-deployment endpoint routes everything to it.
+        named = kwargs["be_deployments"]
+        first = str(named[0]).partition("=")[0].strip() if isinstance(named, tuple) and named \
+            else options_mod.DEFAULT_DEPLOYMENT
+        values["be_default_deployment"] = first
     try:
-        opts = _options(kwargs)
+        opts = options_mod.build(values)
     except options_mod.OptionError as exc:
-        raise click.BadParameter(str(exc)) from None
+        raise click.UsageError(str(exc)) from None
     logs.configure()
-    logs.register_secrets([k for k in (opts.api_key, opts.apim_key) if k])
+    logs.register_secrets([k for k in (opts.secret(name) for name in options_mod.SECRET_KNOBS)
+                           if k])
     asyncio.run(_serve(opts))
-
-
-def _options(kw: dict[str, object]) -> options_mod.EmulatorOptions:
-    gp = kw["global_parameters"]
-    return options_mod.EmulatorOptions(
-        host=str(kw["host"]), port=int(kw["port"]),  # type: ignore[call-overload]
-        seed=kw["seed"],  # type: ignore[arg-type]
-        default_model=str(kw["default_model"]),
-        services=options_mod.parse_services(list(kw["services"])),  # type: ignore[call-overload]
-        inputs=options_mod.parse_names(str(kw["inputs"]), name="inputs"),
-        outputs=options_mod.parse_names(str(kw["outputs"]), name="outputs"),
-        global_parameters=None if gp is None else options_mod.parse_names(
-            str(gp), name="global-parameters"),
-        api_key=kw["api_key"],  # type: ignore[arg-type]
-        apim_key=kw["apim_key"],  # type: ignore[arg-type]
-        rate_limit=kw["rate_limit"],  # type: ignore[arg-type]
-        quota=kw["quota"],  # type: ignore[arg-type]
-        queue_delay_s=kw["queue_delay_s"],  # type: ignore[arg-type]
-        run_time_s=kw["run_time_s"],  # type: ignore[arg-type]
-        failure_rate=float(kw["failure_rate"]),  # type: ignore[arg-type]
-        failure_details=str(kw["failure_details"]),
-        max_running=int(kw["max_running"]),  # type: ignore[call-overload]
-        error_503_rate=float(kw["error_503_rate"]),  # type: ignore[arg-type]
-        retry_after_s=int(kw["retry_after_s"]),  # type: ignore[call-overload]
-        drop_rate=float(kw["drop_rate"]),  # type: ignore[arg-type]
-        slow_response_s=kw["slow_response_s"],  # type: ignore[arg-type]
-        int_status=bool(kw["int_status"]),
-        sas_lifetime_s=float(kw["sas_lifetime_s"]),  # type: ignore[arg-type]
-    )
 
 
 async def _serve(opts: options_mod.EmulatorOptions) -> None:

@@ -10,6 +10,9 @@ from collections.abc import Iterator, Mapping
 
 API_KEY_ENV = "BES_EMULATOR_API_KEY"
 APIM_KEY_ENV = "BES_EMULATOR_APIM_KEY"
+#: Batch endpoints: the emulator's own storage access, and the managed-identity secret.
+BE_STORAGE_ENV = "BES_EMULATOR_BE_STORAGE"
+IDENTITY_HEADER_ENV = "BES_EMULATOR_IDENTITY_HEADER"
 
 
 @contextlib.contextmanager
@@ -18,7 +21,8 @@ def spawn(
 ) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """Start `python -m orchestrator.emulator` on 127.0.0.1; yield (base URL, process).
 
-    Keys go through the environment (API_KEY_ENV, APIM_KEY_ENV), never the command line,
+    Keys go through the environment (API_KEY_ENV, APIM_KEY_ENV, BE_STORAGE_ENV,
+    IDENTITY_HEADER_ENV), never the command line,
     where `ps` would show them. The process is stopped on every exit path.
     """
     cmd = [sys.executable, "-m", "orchestrator.emulator", "--host", "127.0.0.1",
@@ -29,7 +33,7 @@ def spawn(
         assert proc.stdout is not None
         line = proc.stdout.readline()  # "emulator listening on http://127.0.0.1:PORT"
         if "listening on" not in line:
-            raise RuntimeError(f"the BES emulator did not start: {line.strip()!r}")
+            raise RuntimeError(f"the emulator did not start: {line.strip()!r}")
         yield line.strip().rsplit(" ", 1)[-1], proc
     finally:
         if proc.stdout is not None:

@@ -31,7 +31,7 @@ from typing import Any
 from aiohttp import web
 
 from orchestrator import logs
-from orchestrator.emulator import blobs, models
+from orchestrator.emulator import batch, blobs, models
 from orchestrator.emulator import options as options_mod
 
 API_VERSION = "2.0"
@@ -132,11 +132,9 @@ class Emulator:
     """The state behind one emulator app: jobs, the FIFO of started jobs, counters."""
 
     def __init__(self, options: options_mod.EmulatorOptions) -> None:
-        for model in [options.default_model, *options.services.values()]:
-            if model not in models.REGISTRY:
-                raise options_mod.OptionError(
-                    f"model {model!r} is unknown; models are: {', '.join(models.REGISTRY)}"
-                )
+        problem = _unknown_model(options)
+        if problem:
+            raise options_mod.OptionError(problem)
         self.options = options
         self.rng = random.Random(options.seed)
         self.jobs: dict[str, Job] = {}
@@ -151,6 +149,7 @@ class Emulator:
         self.storage = blobs.Storage(chunk_bytes=options.chunk_bytes)
         self._rate = _Window()
         self._quota = _Window()
+        self.batch = batch.BatchEndpoints(lambda: self.options, self.storage, self.rng)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -198,7 +197,7 @@ class Emulator:
                 raise _ApimError(status, message, retry_after=wait)
 
     def _subscription(self, request: web.Request) -> None:
-        key = self.options.apim_key
+        key = self.options.secret("apim_key")
         if key is not None and request.headers.get("Ocp-Apim-Subscription-Key") != key:
             self.counters["http_401"] += 1
             raise _ApimError(401, APIM_401_MESSAGE)
@@ -212,7 +211,7 @@ class Emulator:
         if opts.api_key is not None:
             auth = request.headers.get("Authorization", "")
             scheme, _, key = auth.partition(" ")
-            if scheme.lower() != "bearer" or key.strip() != opts.api_key:
+            if scheme.lower() != "bearer" or key.strip() != opts.api_key.get_secret_value():
                 self.counters["http_401"] += 1
                 raise ApiError(401, "Unauthorized",
                                "Authorization header missing or invalid: send "
@@ -229,8 +228,12 @@ class Emulator:
         self, request: web.Request,
         handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
     ) -> web.StreamResponse:
+        if request.path.startswith("/_emulator/batch/"):
+            return await self.batch.middleware(request, handler)
         if request.path.startswith("/_emulator/"):
             return await self._plain(request, handler)
+        if self.batch.handles(request.path):
+            return await self.batch.middleware(request, handler)
         opts = self.options
         if opts.slow_response_s[1] > 0:
             await asyncio.sleep(self._uniform(opts.slow_response_s))
@@ -564,6 +567,7 @@ class Emulator:
             "queued_now": len(self.fifo),
             "inputs_scored": sum(self.scored.values()),
             "max_scored_per_job": max(self.scored.values(), default=0),
+            "batch": self.batch.stats(),
         }
 
     async def stats_handler(self, request: web.Request) -> web.StreamResponse:
@@ -586,23 +590,32 @@ class Emulator:
     async def config_handler(self, request: web.Request) -> web.StreamResponse:
         body = await self._json_body(request)
         try:
-            self.options = options_mod.updated(self.options, body)
-        except (options_mod.OptionError, TypeError) as exc:
+            new = options_mod.updated(self.options, body)
+        except options_mod.OptionError as exc:
             raise bad_argument("InvalidOption", str(exc)) from None
-        for model in [self.options.default_model, *self.options.services.values()]:
-            if model not in models.REGISTRY:
-                raise bad_argument("InvalidOption", f"model {model!r} is unknown")
+        problem = _unknown_model(new)
+        if problem:
+            raise bad_argument("InvalidOption", problem)
+        self.options = new
         self._admit()  # a raised max_running frees waiting jobs now
-        return web.json_response({"ok": True, "options": {
-            k: v for k, v in json.loads(json.dumps(dataclasses.asdict(self.options))).items()
-            if k not in {"api_key", "apim_key"}}})
+        self.batch.admit()
+        return web.json_response({"ok": True, "options": self.options.public()})
 
     async def close(self) -> None:
         tasks = list(self.tasks.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.batch.close()
         await self.storage.close()
+
+
+def _unknown_model(options: options_mod.EmulatorOptions) -> str | None:
+    for model in [options.default_model, *options.services.values(),
+                  *options.be_deployments.values()]:
+        if model not in models.REGISTRY:
+            return f"model {model!r} is unknown; models are: {', '.join(models.REGISTRY)}"
+    return None
 
 
 class _ApimError(Exception):
@@ -651,6 +664,7 @@ def build_app(options: options_mod.EmulatorOptions) -> web.Application:
     app.router.add_get("/_emulator/stats", emulator.stats_handler)
     app.router.add_get("/_emulator/jobs/{job_id}", emulator.job_handler)
     app.router.add_post("/_emulator/config", emulator.config_handler)
+    emulator.batch.add_routes(app.router)
 
     async def on_startup(_app: web.Application) -> None:
         await emulator.storage.open()
