@@ -838,8 +838,10 @@ def parse(
     data: dict[str, Any], *, base: Path, path: Path | None = None, secrets: bool = True
 ) -> Settings:
     """Build Settings from parsed TOML. `base` resolves relative paths (the file's folder).
-    With `secrets=False` no secret is read (a missing variable or file is no error) and every
-    secret is a placeholder that refuses to give a value."""
+
+    `secrets=False` is for commands that only read the database and so need nothing of the
+    daemon's environment: no secret is read (a missing variable or file is no error; each secret
+    is a placeholder that refuses to give its value) and the watch folders are not looked at."""
     if "path" in data:
         raise errors.ConfigError("path", "unknown key")
     try:
@@ -847,15 +849,26 @@ def parse(
                                            context={"base": base, "secrets": secrets})
     except pydantic.ValidationError as exc:
         raise _error(exc) from None
-    if not secrets:
+    if secrets:
+        _check_watch_folders(settings)
+    else:
         _label_unread(settings, "")
-    for i, w in enumerate(settings.watches):
-        if w.folder.exists() and not w.folder.is_dir():
-            raise errors.ConfigError(f"watch[{i}].folder", f"{w.folder} is not a folder")
-        if not w.folder.exists() and not w.create:
-            raise errors.ConfigError(f"watch[{i}].folder",
-                                     f"{w.folder} does not exist (create = true creates it)")
     return settings
+
+
+def _check_watch_folders(settings: Settings) -> None:
+    """A watch folder must exist (a typo would watch an empty new folder), unless `create`."""
+    for i, w in enumerate(settings.watches):
+        key = f"watch[{i}].folder"
+        try:
+            if w.folder.is_dir():
+                continue
+            if w.folder.exists():
+                raise errors.ConfigError(key, f"{w.folder} is not a folder")
+        except OSError as exc:
+            raise errors.ConfigError(key, f"cannot check {w.folder}: {exc.strerror}") from None
+        if not w.create:
+            raise errors.ConfigError(key, f"{w.folder} does not exist (create = true creates it)")
 
 
 def _label_unread(value: Any, prefix: str) -> None:

@@ -213,6 +213,9 @@ def test_without_secrets_nothing_is_read_and_nothing_missing_fails(
     assert s.database.password is not None
     with pytest.raises(errors.ConfigError, match=r"database\.password_file"):
         s.database.password.get()
+    # Nor are the watch folders looked at: the daemon's environment is not needed.
+    missing = changed({"watch.0.folder": "elsewhere"}, data)
+    assert parse(tmp_path, missing, secrets=False).watches[0].folder == tmp_path / "elsewhere"
     # Structure is still checked: a form that is not given at all is an error either way.
     assert "is required" in problem(tmp_path, changed({"services.svc.api_key_env": None}),
                                     secrets=False)
