@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -56,38 +56,74 @@ def _rows(result: Iterable[Any]) -> list[JobRow]:
     return [JobRow(**dict(r._mapping)) for r in result]
 
 
+async def active_counts(
+    engine: sa_asyncio.AsyncEngine,
+) -> list[tuple[str, str, str | None, int, dt.datetime | None, dt.datetime | None]]:
+    """(service, state, backend status, jobs, oldest created_at, oldest submitted_at) for the
+    unfinished jobs: one pass over them (the state index bounds it by the jobs in flight)."""
+    query = (
+        sa.select(_JOBS.c.service, _JOBS.c.state, _JOBS.c.bes_status, sa.func.count(),
+                  sa.func.min(_JOBS.c.created_at), sa.func.min(_JOBS.c.submitted_at))
+        .where(_JOBS.c.state.in_(_ACTIVE))
+        .group_by(_JOBS.c.service, _JOBS.c.state, _JOBS.c.bes_status)
+    )
+    async with engine.connect() as conn:
+        return [(r[0], r[1], r[2], int(r[3]), r[4], r[5]) for r in await conn.execute(query)]
+
+
+async def finished_counts(engine: sa_asyncio.AsyncEngine) -> dict[tuple[str, str], int]:
+    """(service, terminal state) -> jobs. A pass over the whole history: callers cache it."""
+    query = (
+        sa.select(_JOBS.c.service, _JOBS.c.state, sa.func.count())
+        .where(_JOBS.c.state.in_(_TERMINAL))
+        .group_by(_JOBS.c.service, _JOBS.c.state)
+    )
+    async with engine.connect() as conn:
+        return {(r[0], r[1]): int(r[2]) for r in await conn.execute(query)}
+
+
+def snapshot(
+    active: Iterable[tuple[str, str, str | None, int, dt.datetime | None, dt.datetime | None]],
+    finished: Mapping[tuple[str, str], int], *, services: Iterable[str], now: dt.datetime,
+    query_s: float,
+) -> metrics.DatabaseSnapshot:
+    """The gauges' values (pure): zeros for every state of every service seen or configured,
+    so a gauge drops back to 0 instead of vanishing."""
+    active = list(active)
+    seen = {*services, *(r[0] for r in active), *(s for s, _ in finished)}
+    counts = {(s, st): 0 for s in seen for st in _STATES}
+    counts.update(finished)
+    oldest: dict[tuple[str, str], dt.datetime] = {}
+    remote: dict[tuple[str, str], int] = {}
+    oldest_remote: dict[tuple[str, str], dt.datetime] = {}
+    for service, state, status, n, created, submitted in active:
+        counts[(service, state)] = counts.get((service, state), 0) + n
+        if created is not None:
+            key = (service, state)
+            oldest[key] = min(created, oldest.get(key, created))
+        if status is not None:
+            rkey = (service, status)
+            remote[rkey] = remote.get(rkey, 0) + n
+            if submitted is not None:
+                oldest_remote[rkey] = min(submitted, oldest_remote.get(rkey, submitted))
+
+    def ages(firsts: Mapping[tuple[str, str], dt.datetime]) -> dict[tuple[str, str], float]:
+        return {k: max(0.0, (now - v).total_seconds()) for k, v in firsts.items()}
+
+    return metrics.DatabaseSnapshot(
+        jobs=counts, oldest_age_s=ages(oldest), remote=remote,
+        oldest_remote_age_s=ages(oldest_remote), query_s=query_s)
+
+
 async def database_snapshot(
     engine: sa_asyncio.AsyncEngine, *, services: Iterable[str], now: dt.datetime
 ) -> metrics.DatabaseSnapshot:
-    """Counts by service and state (zeros for every configured service), oldest ages."""
+    """Both queries, uncached (tests, the CLI)."""
     started = time.perf_counter()
-    by_state = sa.select(
-        _JOBS.c.service, _JOBS.c.state, sa.func.count(), sa.func.min(_JOBS.c.created_at)
-    ).group_by(_JOBS.c.service, _JOBS.c.state)
-    by_remote = (
-        sa.select(_JOBS.c.service, _JOBS.c.bes_status, sa.func.count(),
-                  sa.func.min(_JOBS.c.submitted_at))
-        .where(_JOBS.c.state.in_(_ACTIVE), _JOBS.c.bes_status.is_not(None))
-        .group_by(_JOBS.c.service, _JOBS.c.bes_status)
-    )
-    async with engine.connect() as conn:
-        state_rows = (await conn.execute(by_state)).all()
-        remote_rows = (await conn.execute(by_remote)).all()
-    counts = {(s, st): 0 for s in {*services, *(r[0] for r in state_rows)} for st in _STATES}
-    oldest: dict[tuple[str, str], float] = {}
-    for service, state, n, first in state_rows:
-        counts[(service, state)] = int(n)
-        if state in _ACTIVE and first is not None:
-            oldest[(service, state)] = max(0.0, (now - first).total_seconds())
-    remote: dict[tuple[str, str], int] = {}
-    oldest_remote: dict[tuple[str, str], float] = {}
-    for service, status, n, first in remote_rows:
-        remote[(service, status)] = int(n)
-        if first is not None:
-            oldest_remote[(service, status)] = max(0.0, (now - first).total_seconds())
-    return metrics.DatabaseSnapshot(
-        jobs=counts, oldest_age_s=oldest, remote=remote, oldest_remote_age_s=oldest_remote,
-        query_s=time.perf_counter() - started)
+    active = await active_counts(engine)
+    finished = await finished_counts(engine)
+    return snapshot(active, finished, services=services, now=now,
+                    query_s=time.perf_counter() - started)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
