@@ -1,4 +1,4 @@
-"""The BES wire format (SPEC §2) and the throttle gate's decisions, with numbers for time."""
+"""The BES wire format and the throttle gate's decisions, with numbers for time."""
 
 from __future__ import annotations
 
