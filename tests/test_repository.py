@@ -18,7 +18,7 @@ from typing import Any, cast
 import pytest
 import sqlalchemy as sa
 
-from orchestrator import clock, jobs, lifecycle
+from orchestrator import clock, errors, jobs, lifecycle
 from orchestrator.db import engine as db_engine
 from orchestrator.db import migrate, repository
 
@@ -539,6 +539,149 @@ async def test_retry(repo: repository.Repository) -> None:
     assert (await repo.events(job.id))[-1].message == "retry requested"
     [claimed] = await repo.claim_due(worker_id="w1", now=now, lease_s=LEASE_S, limit=5)
     assert claimed.attempts == 1
+
+
+async def failed_after(
+    repo: repository.Repository, job: jobs.Job, at: S, code: str
+) -> jobs.Job:
+    """Walk `job` to `at` as a BES job would, fail it there with `code`, and end it FAILED with
+    its input in the failed folder (as the fail step leaves it)."""
+    job = await walk(repo, job, S.STARTED, bes_job_id="b1", bes_status="Running",
+                     input_path="/spool/x.csv", submitted_at=T0, started_at=T0)
+    job = await walk(repo, job, S.REMOTE_FINISHED, bes_status="Finished",
+                     result_refs={"output1": "https://acct.blob/c/x.output1.csv"})
+    if at is S.DOWNLOADED:
+        job = await walk(repo, job, S.DOWNLOADED, outputs={"output1": "/out/x.output1.csv"})
+    job = await change(repo, step(job, S.FAILING, f"{code}: boom", error="boom",
+                                  error_code=code))
+    return await change(repo, step(job, S.FAILED, input_path="/failed/x.csv"))
+
+
+async def test_retry_after_a_local_failure_resumes_at_the_download(
+    repo: repository.Repository,
+) -> None:
+    """A full results disk after the BES job finished: `jobs retry` fetches the results again
+    (the download asks BES for fresh references); it does not run the BES job again."""
+    [job] = await make_jobs(repo, 1)
+    failed = await failed_after(repo, job, S.REMOTE_FINISHED, "ResultUnwritable")
+    now = T0 + dt.timedelta(minutes=5)
+    again = await repo.retry(failed.id[:8], now=now)
+    assert again.state is S.REMOTE_FINISHED
+    assert (again.bes_job_id, again.bes_status, again.result_refs) == (
+        "b1", "Finished", {"output1": "https://acct.blob/c/x.output1.csv"})
+    assert (again.submitted_at, again.started_at) == (T0, T0)
+    # The input stays where the history says it is until the finish step archives it.
+    assert again.input_path == "/failed/x.csv"
+    assert (again.runs, again.attempts, again.error, again.error_code, again.finished_at) == (
+        2, 0, None, None, None)
+    assert (again.lease_owner, again.next_run_at) == (None, now)
+    last = (await repo.events(job.id))[-1]
+    assert (last.from_state, last.to_state, last.worker) == (S.FAILED, S.REMOTE_FINISHED, None)
+    assert "resuming at the download step" in last.message
+    [claimed] = await repo.claim_due(worker_id="w2", now=now, lease_s=LEASE_S, limit=5)
+    assert (claimed.id, claimed.state, claimed.attempts) == (job.id, S.REMOTE_FINISHED, 1)
+    # If the remote job turns out gone, the download sends it back for a full run.
+    rerun = await change(repo, jobs.Transition(
+        job_id=job.id, expected=S.REMOTE_FINISHED, to=S.CLAIMED, message="BES job gone",
+        fields=jobs.fresh_run(claimed)), worker_id="w2", now=now)
+    assert (rerun.state, rerun.source_path, rerun.bes_job_id) == (S.CLAIMED, "/failed/x.csv", None)
+
+
+async def test_retry_after_the_finish_step_failed_resumes_there(
+    repo: repository.Repository,
+) -> None:
+    [job] = await make_jobs(repo, 1)
+    failed = await failed_after(repo, job, S.DOWNLOADED, "ArchiveUnwritable")
+    again = await repo.retry(failed.id, now=T0)
+    assert again.state is S.DOWNLOADED
+    assert again.outputs == {"output1": "/out/x.output1.csv"}
+    assert again.input_path == "/failed/x.csv"
+
+
+async def test_retry_after_a_remote_failure_runs_everything_again(
+    repo: repository.Repository,
+) -> None:
+    """BES changed its mind about a finished job: its results are not to be trusted."""
+    [job] = await make_jobs(repo, 1)
+    failed = await failed_after(repo, job, S.REMOTE_FINISHED, "BesStateChanged")
+    again = await repo.retry(failed.id, now=T0)
+    assert again.state is S.CLAIMED
+    assert (again.bes_job_id, again.result_refs) == (None, {})
+    assert again.source_path == again.input_path == "/failed/x.csv"
+
+
+# -- the allowed edges -----------------------------------------------------------------------------
+async def test_an_illegal_edge_is_rejected_and_never_written(
+    repo: repository.Repository,
+) -> None:
+    """A step that skips ahead is a bug: the item is rejected with the reason, nothing is
+    written (no row change, no event), and the rest of the batch is applied."""
+    a, b = await make_jobs(repo, 2)
+    items: list[jobs.Transition | jobs.Reschedule] = [
+        step(a, S.DONE, "skipped everything", outputs={"o": "/out/a"}),
+        step(b, S.ACCEPTED, "spooled"),
+        jobs.Transition(job_id=a.id, expected=S.CLAIMED, to=S.CANCELLING, message="a worker"),
+    ]
+    first, second, third = await repo.apply(items, worker_id="w1", now=T0)
+    assert isinstance(first, repository.Rejected)
+    assert "illegal state change claimed -> done" in first.reason
+    assert second == repository.Applied()
+    assert isinstance(third, repository.Rejected) and "by a worker" in third.reason
+    assert await repo.get_job(a.id) == a
+    assert len(await repo.events(a.id)) == 1
+    assert (await repo.get_job(b.id)).state is S.ACCEPTED
+
+
+# -- workers: one id, one daemon; lease time -------------------------------------------------------
+async def test_a_live_worker_id_is_refused(repo: repository.Repository) -> None:
+    now = clock.now()
+    await repo.register_worker("w1", host="host-a", pid=100, now=now, lease_s=LEASE_S)
+    with pytest.raises(repository.WorkerIdInUse) as refused:
+        await repo.register_worker("w1", host="host-b", pid=100, now=now, lease_s=LEASE_S)
+    assert str(refused.value).startswith("config error: daemon.worker_id: ")
+    assert "host-a" in str(refused.value) and "\n" not in str(refused.value)
+    assert isinstance(refused.value, errors.OrchestratorError)
+    # The same process registering again is not a second daemon.
+    await repo.register_worker("w1", host="host-a", pid=100, now=now, lease_s=LEASE_S)
+    # A stopped daemon holds nothing.
+    await repo.release("w1", now=now)
+    await repo.register_worker("w1", host="host-b", pid=7, now=now, lease_s=LEASE_S)
+    # A heartbeat older than the lease (by both clocks) is a dead daemon's.
+    await repo.register_worker("w2", host="host-a", pid=1, now=T0, lease_s=LEASE_S)
+    await repo.register_worker("w2", host="host-b", pid=2, now=now, lease_s=LEASE_S)
+
+
+async def test_a_live_worker_id_on_the_same_host(repo: repository.Repository) -> None:
+    """Same host: a process that still exists holds the id; one that is gone (a crash just
+    before systemd restarts the daemon) does not."""
+    now = clock.now()
+    sleeper = await asyncio.create_subprocess_exec(sys.executable, "-c",
+                                                   "import time; time.sleep(60)")
+    try:
+        await repo.register_worker("w1", host="here", pid=sleeper.pid, now=now, lease_s=LEASE_S)
+        with pytest.raises(repository.WorkerIdInUse):
+            await repo.register_worker("w1", host="here", pid=os.getpid(), now=now,
+                                       lease_s=LEASE_S)
+    finally:
+        sleeper.kill()
+        await sleeper.wait()
+    await repo.register_worker("w1", host="here", pid=os.getpid(), now=now, lease_s=LEASE_S)
+
+
+async def test_a_clock_ahead_cannot_take_a_live_lease(repo: repository.Repository) -> None:
+    """Lease expiry needs the database's clock to agree: a claimer whose wall clock runs
+    120 s ahead (a clock step, or a badly synced host) does not take a lease renewed just
+    now; once the database's clock also says it expired, it does."""
+    now = clock.now()
+    [job] = await make_jobs(repo, 1, worker="w1", now=now)
+    ahead = now + dt.timedelta(seconds=120)
+    assert await repo.claim_due(worker_id="w2", now=ahead, lease_s=LEASE_S, limit=5) == []
+    assert (await repo.get_job(job.id)).lease_owner == "w1"
+    short = await repo.create_job(new_job("short"), worker_id="w1", now=now, lease_s=0.05)
+    assert short is not None
+    await asyncio.sleep(0.3)
+    [taken] = await repo.claim_due(worker_id="w2", now=ahead, lease_s=LEASE_S, limit=5)
+    assert taken.id == short.id
 
 
 # -- reading -------------------------------------------------------------------------------------
