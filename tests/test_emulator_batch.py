@@ -392,7 +392,16 @@ async def test_endpoint_and_datastore(azurite: azurite_mod.Azurite,
         assert ds["credentials"] == {"credentialsType": "AccountKey"}
         assert azurite_mod.ACCOUNT_KEY not in await resp.text()
         assert (await be.arm_get(f"/datastores/nope{Q}")).status == 404
-        assert (await be.arm_get(f"/jobs/batchjob-nope{Q}")).status == 404
+        resp = await be.arm_get(f"/jobs/batchjob-nope{Q}")
+        assert resp.status == 404
+        assert "x-ms-ratelimit-remaining-subscription-reads" in resp.headers
+        await be.configure(be_workspace_id=WS)
+        assert (await be.arm_get(f"/datastores/{DATASTORE}{Q}")).status == 200
+        await be.configure(be_workspace_id=WS.replace("ws1", "ws2"))
+        resp = await be.arm_get(f"/datastores/{DATASTORE}{Q}")
+        assert resp.status == 404
+        assert (await resp.json())["error"]["code"] == "ResourceNotFound"
+        await be.configure(be_workspace_id=None)
         resp = await be.arm_get("/jobs")
         assert resp.status == 400
         assert (await resp.json())["error"]["code"] == "MissingApiVersionParameter"

@@ -61,6 +61,8 @@ _DATASTORE_URI = re.compile(
     r"datastores/(?P<ds>[^/]+)/paths/(?P<path>.+)$")
 _LOGGING_LEVELS = ("Debug", "Info", "Warning")
 _TOKEN_CACHE_MAX = 10_000
+#: request key: the rate-limit headers every ARM answer carries.
+_ARM_HEADERS = web.RequestKey("arm_headers", dict[str, str])
 
 _log = logs.get("emulator")
 
@@ -289,6 +291,8 @@ class BatchEndpoints:
         try:
             return await handler(request)
         except BatchError as exc:
+            # An ARM error after the throttle check still says what is left of the budget.
+            exc.headers = {**request.get(_ARM_HEADERS, {}), **exc.headers}
             return exc.response()
         except _MsiError as exc:
             self.counters["msi_errors"] += 1
@@ -407,6 +411,7 @@ class BatchEndpoints:
                     f"{retry_after} seconds.", {**headers, "Retry-After": str(retry_after)})
         else:
             headers[header] = "11999"
+        request[_ARM_HEADERS] = headers
         self.counters["arm_writes" if write else "arm_reads"] += 1
         if not write:
             self.reads_by_second[int(time.time())] += 1
@@ -423,8 +428,9 @@ class BatchEndpoints:
 
     def _check_workspace(self, request: web.Request) -> None:
         wanted = self.options.be_workspace_id
-        if wanted and self._workspace_path(request).lower() != wanted.rstrip("/").lower():
-            m = request.match_info
+        m = request.match_info
+        if (wanted and "ws" in m
+                and self._workspace_path(request).lower() != wanted.rstrip("/").lower()):
             raise BatchError(404, "ResourceNotFound",
                              f"The Resource '{PROVIDER}/workspaces/{m['ws']}' under resource "
                              f"group '{m['rg']}' was not found.")
@@ -662,15 +668,15 @@ class BatchEndpoints:
                                                  "Retry-After": str(retry)})
 
     async def operation_result(self, request: web.Request) -> web.StreamResponse:
-        self._authorize(request, ARM_AUDIENCES)
+        headers = self._arm(request)
         op = request.match_info["op"]
         job = self.jobs.get(op.removeprefix("jc:"))
         if job is None:
             raise BatchError(404, "NotFound", f"Operation {op} was not found.")
         if job.status is JobStatus.CANCEL_REQUESTED:
-            return web.Response(status=202, headers={"Location": str(request.url),
+            return web.Response(status=202, headers={**headers, "Location": str(request.url),
                                                      "Retry-After": "1"})
-        return web.Response(status=200)
+        return web.Response(status=200, headers=headers)
 
     async def get_endpoint(self, request: web.Request) -> web.StreamResponse:
         headers = self._arm(request)
