@@ -1,1 +1,2 @@
-"""The BES emulator (SPEC §4): `server.build_app`, `server.running`, `cli.emulator_command`."""
+"""The emulator (BES, RRS, Azure ML batch endpoints; docs/emulator.md): `server.build_app`,
+`server.running`, `cli.emulator_command`."""

@@ -236,7 +236,7 @@ class Storage:
         """The blob's bytes in chunks of at most `chunk_bytes`.
 
         Plain aiohttp with a short-lived read SAS: about 3x cheaper than the SDK's downloader
-        (DESIGN.md), and it streams just the same."""
+        (measured in bench/emulator_throughput.py), and it streams just the same."""
         async with await self._get(ref, name=name) as resp:
             if resp.status != 200:
                 raise StorageError(describe_status(resp.status, resp.headers.get(

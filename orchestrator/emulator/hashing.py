@@ -3,7 +3,8 @@
 Whitespace tokens exactly as typed; MurmurHash3 x86 32-bit with seed 0; a token made only of
 ASCII digits hashes to its integer value; an n-gram's index folds the token hashes with VW's
 quadratic constant; the bucket is the index's low `bits` bits; no constant feature.
-`This is a good day` with 3 bits and 2-grams gives 1 1 2 2 0 2 0 1 (SPEC §4).
+`This is a good day` with 3 bits and 2-grams gives 1 1 2 2 0 2 0 1 (tests/test_emulator.py
+checks it).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The BES emulator: an aiohttp server speaking SPEC §2 (and RRS), with simulated faults (§3, §4).
+"""The emulator: an aiohttp server speaking BES and RRS (and, through `batch`, Azure ML batch
+endpoints), with the gateway's and the service's faults simulated (docs/emulator.md).
 
 Routes under `/workspaces/{workspace}/services/{service}` (all need `?api-version=2.0`):
 `POST /jobs`, `POST /jobs/{id}/start`, `GET /jobs/{id}`, `DELETE /jobs/{id}`, `GET /swagger.json`,
@@ -59,7 +60,7 @@ class Status(enum.StrEnum):
     FINISHED = "Finished"
 
 
-#: Integer encodings (--int-status), in SPEC §2's order.
+#: Integer encodings (--int-status): NotStarted 0, Running 1, Failed 2, Cancelled 3, Finished 4.
 STATUS_INT: dict[Status, int] = {s: i for i, s in enumerate(Status)}
 TERMINAL: frozenset[Status] = frozenset({Status.FAILED, Status.CANCELLED, Status.FINISHED})
 
@@ -82,7 +83,8 @@ class Job:
 
 
 class ApiError(Exception):
-    """Becomes SPEC §2's error body."""
+    """Becomes BES's error body: {"error": {"code", "message", "details": [{"code",
+    "message"}]}}."""
 
     def __init__(self, status: int, code: str, message: str,
                  details: list[tuple[str, str]] | None = None,
@@ -182,7 +184,7 @@ class Emulator:
     # -- middleware: gateway, auth, simulated faults ---------------------------------------
 
     def _gateway(self) -> None:
-        """What API Management answers before the service sees the call (SPEC §3)."""
+        """What API Management answers before the service sees the call (key, rate limit, quota)."""
         opts = self.options
         now = time.monotonic()
         for window, limit, status in ((self._rate, opts.rate_limit, 429),
