@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -19,7 +18,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator import clock, config, errors, fsutil, jobs, lifecycle, logs, systemd
+from orchestrator import clock, config, errors, fsutil, jobs, lifecycle, logs
 from orchestrator.db import repository
 
 EX_CONFIG = 78
@@ -180,9 +179,12 @@ def _job_line(job: jobs.Job) -> str:
 
 
 async def run_daemon(
-    settings: config.Settings, *, once: bool, progress: bool, echo_jobs: bool = False
+    settings: config.Settings, *, once: bool, progress: bool, echo_jobs: bool = False,
+    config_path: Path | None = None,
 ) -> int:
-    from orchestrator import worker as worker_mod
+    """The daemon (orchestrator/daemon.py) with what a person at a terminal sees: each job as
+    it moves (`echo_jobs`), a progress bar, and `--once`'s summary."""
+    from orchestrator import daemon as daemon_mod
 
     for folder in (settings.daemon.state_dir, settings.daemon.spool_dir):
         try:
@@ -191,11 +193,6 @@ async def run_daemon(
             raise errors.ConfigError("daemon.state_dir", f"cannot create {folder}: "
                                      f"{exc.strerror}") from None
     repo = await open_repo(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-
     bar: Any = None
     task_id: Any = None
 
@@ -205,17 +202,12 @@ async def run_daemon(
         ):
             click.echo(_job_line(job))
         if bar is not None:
-            s = w.stats
+            s = d.worker.stats
             bar.update(task_id, total=max(s.claimed, 1), completed=s.done + s.failed + s.cancelled,
                        description=f"done {s.done}  failed {s.failed}")
 
-    w = worker_mod.Worker(settings, repo, once=once, on_change=on_change)
-
-    async def notify_ready() -> None:
-        await w.ready.wait()
-        systemd.notify("READY=1\nSTATUS=watching for inputs")
-
-    aux = [asyncio.create_task(notify_ready()), asyncio.create_task(systemd.watchdog_loop())]
+    d = daemon_mod.Daemon(settings, repo, config_path=config_path, once=once,
+                          on_change=on_change)
     progress_cm: Any = contextlib.nullcontext()
     if progress and console.is_terminal:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -227,22 +219,12 @@ async def run_daemon(
             if bar_obj is not None:
                 bar = bar_obj
                 task_id = bar.add_task("starting", total=None)
-            stats = await w.run(stop)
+            outcome = await d.run()
     finally:
-        systemd.notify("STOPPING=1")
-        for t in aux:
-            t.cancel()
-        counts = await repo.count_by_state()
         await repo.close()
-    if once:
-        console.print(
-            f"run --once: {stats.done} done, {stats.failed} failed, {stats.cancelled} cancelled"
-            f" (database: {sum(counts.values())} jobs; "
-            + ", ".join(f"{k.value} {v}" for k, v in sorted(counts.items()) if v) + ")",
-            highlight=False,
-        )
-        return 1 if (stats.failed or stats.cancelled) else 0
-    return 0
+    if once and outcome.exit_code in (0, 1):
+        console.print(daemon_mod.exit_message(outcome), highlight=False, soft_wrap=True)
+    return outcome.exit_code
 
 
 @main.command()
@@ -253,7 +235,7 @@ async def run_daemon(
 def run(config_path: Path, once: bool) -> None:
     """Run the daemon: watch folders and the queue table, push every input through BES."""
     settings = load_settings(config_path)
-    sys.exit(run_async(run_daemon(settings, once=once, progress=once)))
+    sys.exit(run_async(run_daemon(settings, once=once, progress=once, config_path=config_path)))
 
 
 # ------------------------------------------------------------------------------------------

@@ -6,6 +6,11 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from collections.abc import Callable
+
+from orchestrator import logs
+
+log = logs.get("bes.daemon")
 
 
 def notify(message: str) -> bool:
@@ -35,11 +40,20 @@ def watchdog_interval_s() -> float | None:
         return None
 
 
-async def watchdog_loop() -> None:
-    """Ping from the event loop itself: a blocked loop stops the pings, and systemd restarts us."""
+async def watchdog_loop(healthy: Callable[[], tuple[bool, str]] | None = None) -> None:
+    """Ping from the event loop itself, and only while `healthy()` says so: a blocked loop or a
+    dead task stops the pings, and systemd restarts us. Runs until cancelled (a supervised
+    task), also when there is no watchdog to ping."""
     interval = watchdog_interval_s()
     if interval is None:
+        await asyncio.Event().wait()
         return
+    withheld = False
     while True:
-        notify("WATCHDOG=1")
+        ok, why = healthy() if healthy is not None else (True, "ok")
+        if ok:
+            notify("WATCHDOG=1")
+        elif not withheld:
+            log.error("watchdog_withheld", reason=why)
+        withheld = not ok
         await asyncio.sleep(interval)

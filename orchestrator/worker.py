@@ -1,66 +1,69 @@
-"""The daemon's engine: claim jobs, run their steps, apply the results.
+"""The daemon's engine: the jobs this worker holds, the steps that move them, the results.
 
-A job this worker holds is one dict entry and one timer-heap entry. A fixed pool of executor
-tasks runs whatever is due; a job waiting for BES holds no executor, no semaphore and no
-coroutine (DESIGN.md, "The core idea"). Results go through the batch writer as guarded
-transitions; a guard that fails means another worker (or a person) owns the job now, and it is
-dropped from memory without guessing.
+A held job is one dict entry and one scheduler entry (`scheduler.py`). A fixed pool of executor
+tasks runs whatever is due; a job waiting for its backend holds no executor, no semaphore and
+no coroutine. Results go through the batch writer as guarded transitions; a guard that fails
+means another worker (or a person) owns the job now, and it is dropped from memory without
+guessing, unless another step of this worker has moved it on meanwhile.
 
-Concurrency limits: per service (`max_in_flight` BES jobs submitted and not yet seen to end;
-jobs ready to submit beyond that wait in a FIFO without holding anything), per stage (uploads,
-downloads, inside `storage.blob`), and global (open HTTP connections: the session's connector).
+The parts: `scheduler.Scheduler` (when each job runs), `slots.Slots` (per-service
+`max_in_flight`), `intake_buffer.FileIntake` (watched folders to job rows) and this module
+(held jobs, step execution and error policy, the claim loop, heartbeat and self-check).
+`daemon.py` wires them and supervises the tasks `tasks()` returns; docs/architecture.md,
+"The worker's parts", walks one job through them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import datetime as dt
 import functools
-import heapq
-import itertools
-import os
 import random
-import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
-
-import aiohttp
 
 from orchestrator import (
     backoff,
     clock,
     config,
     errors,
+    intake_buffer,
     jobs,
     lifecycle,
     logs,
+    metrics,
     pipeline,
+    scheduler,
+    slots,
     steps,
-    watcher,
     writer,
 )
 from orchestrator.db import repository
 from orchestrator.steps import intake
 
 CLAIM_INTERVAL_S = 0.5
-CLAIM_BATCH = 500
-#: Failed inserts of one batch of files before they are left to the next rescan.
-MAX_INSERT_FAILURES = 6
-LAG_REPORT_S = 10.0
-MAX_LAG_SAMPLES = 100_000
-#: A bug in a step is retried like a transient error, but not forever.
+CLAIM_BATCH = intake_buffer.CLAIM_BATCH
+#: A bug in a step is retried with backoff, but not forever (counted apart from transient
+#: errors, which a service outage may raise for a long time).
 MAX_INTERNAL_ERRORS = 5
+#: How often every held job is checked to be scheduled, running or parked.
+SELF_CHECK_S = 15.0
 
 log = logs.get("bes.worker")
 #: Transitions logged at info; the others at debug (six info lines a job cost 0.7 ms of CPU).
 _NOTEWORTHY = frozenset({
     lifecycle.JobState.STARTED, lifecycle.JobState.FAILING, *lifecycle.TERMINAL_STATES,
 })
+_OUTCOME = {
+    lifecycle.JobState.DONE: "done",
+    lifecycle.JobState.FAILED: "failed",
+    lifecycle.JobState.CANCELLED: "cancelled",
+}
 
 JobState = lifecycle.JobState
+StepFor = Callable[[JobState], tuple[lifecycle.Step, pipeline.StepFn]]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -72,8 +75,15 @@ class Stats:
     failed: int = 0
     cancelled: int = 0
     transient_errors: int = 0
+    internal_errors: int = 0
     throttled: int = 0
     polls: int = 0
+    leases_lost: int = 0
+    orphans: int = 0
+
+
+def _limits(settings: config.Settings) -> dict[str, int]:
+    return {name: svc.max_in_flight for name, svc in settings.services.items()}
 
 
 class Worker:
@@ -84,138 +94,186 @@ class Worker:
         *,
         once: bool = False,
         on_change: Callable[[jobs.Job], None] | None = None,
+        step_for: StepFor = pipeline.step_for,
+        check: Callable[[], None] | None = None,
     ) -> None:
+        """`step_for` picks each state's step (tests pass fakes); `check` runs at every
+        heartbeat and may raise (the daemon checks the database file is still the same)."""
         self.settings = settings
         self.repo = repo
         self.once = once
         self.worker_id = settings.daemon.worker_id
         self.stats = Stats()
         self._on_change = on_change
+        self._step_for = step_for
+        self._check = check
         self._held: dict[str, jobs.Job] = {}
-        self._gen: dict[str, int] = {}
-        self._heap: list[tuple[float, int, str, int]] = []
-        self._seq = itertools.count()
-        #: (job id, generation, when it was due): the due time measures scheduling lag.
-        self._ready: asyncio.Queue[tuple[str, int, float]] = asyncio.Queue()
-        self._lags: list[float] = []
-        self._heap_changed = asyncio.Event()
+        #: job id -> executors running it now (a count: a job rescheduled at once may be
+        #: taken by a second executor while the first is still leaving).
+        self._running: collections.Counter[str] = collections.Counter()
+        self.scheduler = scheduler.Scheduler()
+        self.slots = slots.Slots(_limits(settings))
+        self._transient: collections.Counter[str] = collections.Counter()
+        self._internal: collections.Counter[str] = collections.Counter()
+        self.rng = random.Random()
         self._claim_wake = asyncio.Event()
-        self._remote: collections.Counter[str] = collections.Counter()
-        self._parked: dict[str, collections.deque[str]] = collections.defaultdict(
-            collections.deque
-        )
-        self._failures: collections.Counter[str] = collections.Counter()
-        self._rng = random.Random()
         self._writer = writer.BatchWriter(repo, self.worker_id)
-        self._watcher: watcher.FolderWatcher | None = None
-        self._files: list[watcher.Candidate] = []  #: settled files not yet inserted
-        self._files_wake = asyncio.Event()
-        self._stopping = asyncio.Event()
-        self._intake_done = asyncio.Event()
-        self.ready = asyncio.Event()  #: set once intake is up (systemd READY=1)
+        self._renewed_at = clock.monotonic()
+        self._ctx: steps.Context | None = None
+        self._closed = False
+        #: While the self-check reads the database: the jobs forgotten meanwhile.
+        self._forgotten: set[str] | None = None
+        self.intake = intake_buffer.FileIntake(
+            settings, repo, self.worker_id, adopt=self._adopt, once=once)
+        metrics.jobs_held.set_function(lambda: len(self._held))
+        metrics.executors_busy.set_function(lambda: len(self._running))
+
+    # -- what the daemon sees ----------------------------------------------------------------
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def idle(self) -> bool:
+        """Nothing held, buffered or due (for `--once`'s drain check)."""
+        return not self._held and not self.intake.pending() and self.scheduler.idle()
+
+    def tasks(self, ctx: steps.Context) -> dict[str, Coroutine[Any, Any, None]]:
+        """The coroutines the daemon runs and supervises: each runs until cancelled."""
+        self._ctx = ctx
+        n = self.settings.daemon.executors
+        metrics.executors.set(n)
+        return {
+            "writer": self._run_writer(),
+            "timer": self.scheduler.run(),
+            "claimer": self._claimer(),
+            "heartbeat": self._heartbeat(),
+            "intake": self.intake.run(),
+            "self-check": self._self_check_loop(),
+            "lag-report": self.scheduler.report_lag(lambda: len(self._held)),
+            **{f"executor-{i}": self._executor(ctx) for i in range(n)},
+        }
+
+    async def close(self) -> None:
+        """After the tasks are cancelled: commit what is queued, free this worker's leases.
+        Safe to call again (it does nothing then)."""
+        if self._closed:
+            return
+        self._closed = True
+        log.info("worker_stopping", held=len(self._held), running=len(self._running))
+        try:
+            await self._writer.close()
+        except Exception as exc:  # what it had not written is redone after the restart
+            log.error("writer_close_failed", error=f"{type(exc).__name__}: {exc}")
+        try:
+            await self.repo.release(self.worker_id, now=clock.now())
+        except Exception as exc:  # they expire on their own after lease_s
+            log.warning("release_failed", error=str(exc))
+
+    def reload(self, settings: config.Settings) -> None:
+        """New limits, policies and watches (the daemon has checked the rest is unchanged)."""
+        self.settings = settings
+        if self._ctx is not None:
+            self._ctx.settings = settings
+        for job_id in self.slots.set_limits(_limits(settings)):
+            self.scheduler.schedule(job_id)
+        self.intake.reload(settings)
+        self._claim_wake.set()
 
     # -- held jobs ---------------------------------------------------------------------------
     def _set(self, job: jobs.Job) -> None:
         old = self._held.get(job.id)
-        if old is not None and old.state in lifecycle.REMOTE_STATES:
-            self._remote[old.service] -= 1
+        was_remote = old is not None and old.state in lifecycle.REMOTE_STATES
+        is_remote = job.state in lifecycle.REMOTE_STATES
         if job.state in lifecycle.TERMINAL_STATES:
-            self._drop(job.id, already_uncounted=True)
+            self._forget(job.id)
         else:
             self._held[job.id] = job
-            if job.state in lifecycle.REMOTE_STATES:
-                self._remote[job.service] += 1
-        if old is not None and old.state in lifecycle.REMOTE_STATES and (
-            job.state not in lifecycle.REMOTE_STATES
-        ):
-            self._unpark(job.service)
+        if is_remote and not was_remote:
+            self.slots.occupy(job.service)
+        elif was_remote and not is_remote:
+            assert old is not None
+            self._release(old.service)
         if self._on_change is not None:
             self._on_change(job)
 
-    def _drop(self, job_id: str, *, already_uncounted: bool = False) -> None:
-        old = self._held.pop(job_id, None)
-        self._gen.pop(job_id, None)
-        self._failures.pop(job_id, None)
-        if old is not None and not already_uncounted and old.state in lifecycle.REMOTE_STATES:
-            self._remote[old.service] -= 1
-            self._unpark(old.service)
+    def _forget(self, job_id: str) -> None:
+        if self._forgotten is not None:
+            self._forgotten.add(job_id)
+        self._held.pop(job_id, None)
+        self.scheduler.cancel(job_id)
+        self.slots.forget(job_id)
+        self._transient.pop(job_id, None)
+        self._internal.pop(job_id, None)
         self._claim_wake.set()
 
-    def _schedule(self, job_id: str, delay_s: float = 0.0) -> None:
-        gen = self._gen.get(job_id, 0) + 1
-        self._gen[job_id] = gen
-        if delay_s <= 0:
-            self._ready.put_nowait((job_id, gen, clock.monotonic()))
-            return
-        heapq.heappush(self._heap, (clock.monotonic() + delay_s, next(self._seq), job_id, gen))
-        self._heap_changed.set()
+    def _drop(self, job_id: str) -> None:
+        """The lease is gone: forget the job, never guess at it."""
+        old = self._held.get(job_id)
+        self._forget(job_id)
+        self.stats.leases_lost += 1
+        metrics.leases_lost.inc()
+        if old is not None and old.state in lifecycle.REMOTE_STATES:
+            self._release(old.service)
 
-    def _adopt(self, job: jobs.Job) -> None:
-        self.stats.claimed += 1
+    def _release(self, service: str) -> None:
+        woken = self.slots.release(service)
+        if woken is not None:
+            self.scheduler.schedule(woken)
+
+    def _tracked(self, job_id: str) -> bool:
+        """Some part of this worker will move the job on: due, running, or parked."""
+        return (self.scheduler.is_scheduled(job_id) or job_id in self._running
+                or self.slots.is_parked(job_id))
+
+    def _adopt(self, job: jobs.Job, *, new: bool = True) -> None:
+        """A job this worker just claimed (or created). A job it already holds is left as it
+        is: its lease had lapsed in the database (a late heartbeat, a clock step) and the
+        claim renewed it, but a step may be running it now; a second copy would run the same
+        step twice and the slower one's lost guard would strand the job."""
+        if job.id in self._held:
+            if self._tracked(job.id):
+                log.debug("job_reclaimed_while_held", job_id=job.short_id)
+                return
+            log.warning("job_orphan_recovered", job_id=job.short_id, state=job.state.value,
+                        found="reclaimed")
+            self.stats.orphans += 1
+        elif new:
+            self.stats.claimed += 1
         self._set(job)
         if job.id in self._held:
             delay = (job.next_run_at - clock.now()).total_seconds()
-            self._schedule(job.id, max(0.0, delay))
+            self.scheduler.schedule(job.id, max(0.0, delay))
 
-    def _unpark(self, service: str) -> None:
-        queue = self._parked.get(service)
-        svc = self.settings.services.get(service)
-        if svc is not None and self._remote[service] >= svc.max_in_flight:
-            return
-        while queue:
-            job_id = queue.popleft()
-            if job_id in self._held:
-                self._schedule(job_id)
-                return
-
-    def _take_remote_slot(self, job: jobs.Job) -> bool:
-        svc = self.settings.services.get(job.service)
-        if svc is None or self._remote[job.service] < svc.max_in_flight:
-            self._remote[job.service] += 1  # reserved for the duration of the submit step
-            return True
-        self._parked[job.service].append(job.id)
-        return False
-
-    # -- the loops ---------------------------------------------------------------------------
-    async def _timer(self) -> None:
-        """Move due heap entries to the ready queue. One task for any number of waiting jobs."""
-        while True:
-            now = clock.monotonic()
-            while self._heap and self._heap[0][0] <= now:
-                due, _, job_id, gen = heapq.heappop(self._heap)
-                if self._gen.get(job_id) == gen:
-                    self._ready.put_nowait((job_id, gen, due))
-            timeout = self._heap[0][0] - now if self._heap else 3600.0
-            self._heap_changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._heap_changed.wait(), timeout)
-
+    # -- running steps -----------------------------------------------------------------------
     async def _executor(self, ctx: steps.Context) -> None:
         while True:
-            job_id, gen, due = await self._ready.get()
+            job_id = await self.scheduler.next()
             job = self._held.get(job_id)
-            if job is None or self._gen.get(job_id) != gen:
+            if job is None:
                 continue
-            if len(self._lags) < MAX_LAG_SAMPLES:
-                self._lags.append(clock.monotonic() - due)
-            await self._run_one(job, ctx)
+            self._running[job_id] += 1
+            try:
+                await self._run_one(job, ctx)
+            finally:
+                self._running[job_id] -= 1
+                if self._running[job_id] <= 0:
+                    del self._running[job_id]
 
     async def _run_one(self, job: jobs.Job, ctx: steps.Context) -> None:
-        step, fn = pipeline.step_for(job.state)
+        step, fn = self._step_for(job.state)
         bound = log.bind(job_id=job.short_id, service=job.service, step=step.value)
         reserved = False
-        if step is lifecycle.Step.SUBMIT:
-            if not self._take_remote_slot(job):
-                return
+        if step is lifecycle.Step.SUBMIT and job.service in self.settings.services:
+            if not self.slots.reserve(job.service, job.id):
+                return  # parked: `_release` schedules it when a slot frees
             reserved = True
         try:
             result = await self._call(job, fn, ctx, bound)
             if result is not None:
-                await self._apply(job, step, result, bound)
+                await self._apply(job, result, bound)
         finally:
             if reserved:  # the SUBMITTED state (if reached) now holds the slot itself
-                self._remote[job.service] -= 1
-                self._unpark(job.service)
+                self._release(job.service)
 
     async def _call(
         self, job: jobs.Job, fn: pipeline.StepFn, ctx: steps.Context, bound: Any
@@ -236,105 +294,192 @@ class Worker:
             return steps.Fail(code=exc.code or "Error", message=str(exc))
         except errors.ThrottledError as exc:
             self.stats.throttled += 1
+            metrics.throttled.labels(job.service).inc()
             delay = exc.retry_after_s if exc.retry_after_s is not None else 5.0
             bound.info("step_throttled", retry_after_s=delay)
-            self._schedule(job.id, delay)
+            self.scheduler.schedule(job.id, delay)
             return None
         except errors.TransientError as exc:
-            return self._transient(job, exc, bound)
+            return self._transient_error(job, exc, bound)
         except Exception as exc:  # a bug: keep the daemon alive, retry a few times, then fail
-            bound.exception("step_crashed", error=str(exc))
-            self._failures[job.id] += 1
-            if self._failures[job.id] >= MAX_INTERNAL_ERRORS:
-                return steps.Fail(code="InternalError", message=f"{type(exc).__name__}: {exc}")
-            self._schedule(job.id, backoff.retry_delay_s(
-                self.settings.service(job.service).retry, self._failures[job.id], rng=self._rng))
-            return None
+            return self._internal_error(job, exc, bound)
 
-    def _transient(
+    def _transient_error(
         self, job: jobs.Job, exc: errors.TransientError, bound: Any
     ) -> steps.Fail | None:
         self.stats.transient_errors += 1
-        self._failures[job.id] += 1
+        metrics.transient_errors.labels(job.service).inc()
+        self._transient[job.id] += 1
+        n = self._transient[job.id]
         policy = self.settings.service(job.service).retry
-        if backoff.retries_exhausted(policy, self._failures[job.id]):
+        if backoff.retries_exhausted(policy, n):
             return steps.Fail(code=exc.code or "TransientError", message=str(exc))
-        delay = backoff.retry_delay_s(
-            policy, self._failures[job.id], retry_after_s=exc.retry_after_s, rng=self._rng
-        )
-        bound.info("step_retry", error=str(exc), failures=self._failures[job.id],
-                   retry_in_s=round(delay, 2))
-        self._schedule(job.id, delay)
+        delay = backoff.retry_delay_s(policy, n, retry_after_s=exc.retry_after_s, rng=self.rng)
+        bound.info("step_retry", error=str(exc), failures=n, retry_in_s=round(delay, 2))
+        self.scheduler.schedule(job.id, delay)
         return None
 
-    async def _apply(
-        self, job: jobs.Job, step: lifecycle.Step, result: steps.StepResult, bound: Any
-    ) -> None:
+    def _internal_error(self, job: jobs.Job, exc: Exception, bound: Any) -> steps.Fail | None:
+        self.stats.internal_errors += 1
+        metrics.internal_errors.labels(job.service).inc()
+        self._internal[job.id] += 1
+        n = self._internal[job.id]
+        bound.error("step_crashed", error=f"{type(exc).__name__}: {exc}", failures=n,
+                    exc_info=exc)
+        if n >= MAX_INTERNAL_ERRORS:
+            return steps.Fail(code="InternalError", message=f"{type(exc).__name__}: {exc}")
+        policy = self.settings.service(job.service).retry
+        self.scheduler.schedule(job.id, backoff.retry_delay_s(policy, n, rng=self.rng))
+        return None
+
+    # -- applying results --------------------------------------------------------------------
+    async def _apply(self, job: jobs.Job, result: steps.StepResult, bound: Any) -> None:
         now = clock.now()
         if isinstance(result, steps.Wait):
-            self.stats.polls += 1
-            self._failures.pop(job.id, None)
-            next_run = now + dt.timedelta(seconds=result.delay_s)
-            new = dataclasses.replace(job, bes_status=result.bes_status,
-                                      poll_count=result.poll_count, next_run_at=next_run)
-            self._held[job.id] = new
-            self._schedule(job.id, result.delay_s)
-            if result.bes_status != job.bes_status:
-                # Only a status change is written (with its event): "still running" costs no
-                # write, so thousands of waiting jobs cost no database time. After a crash the
-                # job is polled at once and its backoff restarts from the stored poll_count.
-                fut = self._writer.submit(jobs.Reschedule(
-                    job_id=job.id, expected=job.state, next_run_at=next_run,
-                    bes_status=result.bes_status, poll_count=result.poll_count,
-                ))
-                fut.add_done_callback(functools.partial(self._on_reschedule_done, job.id))
+            self._wait(job, result, now)
             return
+        fields: dict[str, Any]
         if isinstance(result, steps.Fail):
             to, message = JobState.FAILING, f"{result.code}: {result.message}"
-            fields: dict[str, object] = {
-                **result.fields, "error": result.message, "error_code": result.code
-            }
+            fields = {**result.fields, "error": result.message, "error_code": result.code}
             bound.warning("job_failing", code=result.code, error=result.message)
         else:
             to, message, fields = result.to, result.message, dict(result.fields)
         if to in lifecycle.TERMINAL_STATES:
             fields.setdefault("finished_at", now)
         t = jobs.Transition(job_id=job.id, expected=job.state, to=to, message=message,
-                            fields=fields, next_run_at=now)
-        applied = await asyncio.shield(self._writer.submit(t))
-        if not applied:
-            bound.warning("lease_lost", expected=job.state.value)
-            self._drop(job.id)
+                            fields=fields,  # type: ignore[arg-type]
+                            next_run_at=now)
+        try:
+            applied = await asyncio.shield(self._writer.submit(t))
+        except Exception as exc:
+            if not _is_rejected(exc):
+                raise
+            await self._rejected(job, str(exc), bound)
             return
-        self._failures.pop(job.id, None)
-        new = dataclasses.replace(job, state=to, updated_at=now, next_run_at=now, **fields)  # type: ignore[arg-type]
+        if not applied:
+            self._lost_guard(job.id, job.state, bound)
+            return
+        self._transient.pop(job.id, None)
+        self._internal.pop(job.id, None)
+        new = dataclasses.replace(job, state=to, updated_at=now, next_run_at=now, **fields)
         level = bound.info if to in _NOTEWORTHY else bound.debug
         level("job_" + to.value, message=message)
-        self._count(to)
+        self._count(new, now)
         self._set(new)
         if new.id in self._held:
             # A job just started cannot have finished yet: its first poll waits initial_s.
             delay = (self.settings.service(new.service).poll.initial_s
                      if to is JobState.STARTED and new.service in self.settings.services
                      else 0.0)
-            self._schedule(new.id, delay)
+            self.scheduler.schedule(new.id, delay)
 
-    def _on_reschedule_done(self, job_id: str, fut: asyncio.Future[bool]) -> None:
-        if not fut.cancelled() and fut.exception() is None and fut.result() is False:
-            log.warning("lease_lost", job_id=job_id[:8])
-            self._drop(job_id)
+    def _wait(self, job: jobs.Job, result: steps.Wait, now: dt.datetime) -> None:
+        self.stats.polls += 1
+        self._transient.pop(job.id, None)
+        self._internal.pop(job.id, None)
+        next_run = now + dt.timedelta(seconds=result.delay_s)
+        self._held[job.id] = dataclasses.replace(
+            job, bes_status=result.bes_status, poll_count=result.poll_count,
+            next_run_at=next_run)
+        self.scheduler.schedule(job.id, result.delay_s)
+        if result.bes_status != job.bes_status:
+            # Only a status change is written (with its event): "still running" costs no
+            # write, so thousands of waiting jobs cost no database time. After a crash the
+            # job is polled at once and its backoff restarts from the stored poll_count.
+            fut = self._writer.submit(jobs.Reschedule(
+                job_id=job.id, expected=job.state, next_run_at=next_run,
+                bes_status=result.bes_status, poll_count=result.poll_count,
+            ))
+            fut.add_done_callback(functools.partial(self._on_reschedule_done, job.id, job.state))
 
-    def _count(self, state: JobState) -> None:
-        if state is JobState.DONE:
+    def _on_reschedule_done(
+        self, job_id: str, expected: JobState, fut: asyncio.Future[bool]
+    ) -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            if _is_rejected(exc):
+                job = self._held.get(job_id)
+                if job is not None and job.state is expected:
+                    self._fail_rejected(job, str(exc))
+            return
+        if fut.result() is False:
+            self._lost_guard(job_id, expected, log.bind(job_id=job_id[:8]))
+
+    def _lost_guard(self, job_id: str, expected: JobState, bound: Any) -> None:
+        """A guarded write changed no row. Drop the job only if this worker still has it in the
+        state the write expected: if another of its steps has moved it on meanwhile, that
+        step's write succeeded and the job is still ours."""
+        held = self._held.get(job_id)
+        if held is not None and held.state is not expected:
+            bound.warning("stale_write_ignored", expected=expected.value, now=held.state.value)
+            return
+        bound.warning("lease_lost", expected=expected.value)
+        self._drop(job_id)
+
+    async def _rejected(self, job: jobs.Job, reason: str, bound: Any) -> None:
+        """The writer refused the change for good (a bug, e.g. a bad field): fail the job with
+        the reason, a change that can always be written, instead of retrying it forever."""
+        bound.error("write_rejected", error=reason)
+        self._fail_rejected(job, reason)
+
+    def _fail_rejected(self, job: jobs.Job, reason: str) -> None:
+        now = clock.now()
+        message = f"the change could not be written: {reason}"
+        t = jobs.Transition(
+            job_id=job.id, expected=job.state, to=JobState.FAILING,
+            message=f"InternalError: {message}",
+            fields={"error": message, "error_code": "InternalError"}, next_run_at=now)
+        if job.state is JobState.FAILING and job.error_code == "InternalError":
+            # Its own failure cannot be written either: stop here, loudly, and let a restart
+            # (or `jobs show`) look at it rather than loop.
+            log.error("job_stuck", job_id=job.short_id, error=reason)
+            self._forget(job.id)
+            return
+        fut = self._writer.submit(t)
+        failing = dataclasses.replace(job, state=JobState.FAILING, error=message,
+                                      error_code="InternalError", next_run_at=now)
+
+        def done(f: asyncio.Future[bool]) -> None:
+            if f.cancelled() or f.exception() is not None or not f.result():
+                log.error("job_stuck", job_id=job.short_id, error=reason)
+                self._forget(job.id)
+                return
+            self._set(failing)
+            self.scheduler.schedule(job.id)
+
+        fut.add_done_callback(done)
+
+    def _count(self, job: jobs.Job, now: dt.datetime) -> None:
+        outcome = _OUTCOME.get(job.state)
+        if outcome is None:
+            return
+        if job.state is JobState.DONE:
             self.stats.done += 1
-        elif state is JobState.FAILED:
+        elif job.state is JobState.FAILED:
             self.stats.failed += 1
-        elif state is JobState.CANCELLED:
+        else:
             self.stats.cancelled += 1
+        metrics.jobs_finished.labels(job.service, outcome).inc()
+        metrics.job_duration.labels(job.service, outcome).observe(
+            max(0.0, (now - job.created_at).total_seconds()))
+
+    # -- the loops ---------------------------------------------------------------------------
+    async def _run_writer(self) -> None:
+        """The batch writer's task, supervised like the others. Cancelling this does not stop
+        the writer: `close()` flushes it after the executors are gone."""
+        self._writer.start()
+        task: asyncio.Task[None] | None = getattr(self._writer, "_task", None)
+        if task is None:  # pragma: no cover - the writer always has its task once started
+            raise RuntimeError("the batch writer has no task")
+        await asyncio.shield(task)
+        raise RuntimeError("the batch writer stopped")
 
     async def _claimer(self) -> None:
-        d = self.settings.daemon
-        while not self._stopping.is_set():
+        while True:
+            d = self.settings.daemon
             room = d.max_jobs_held - len(self._held)
             try:
                 if room > 0:
@@ -342,154 +487,79 @@ class Worker:
                     got = await self.repo.claim_due(
                         worker_id=self.worker_id, now=now, lease_s=d.lease_s,
                         limit=min(room, CLAIM_BATCH))
-                    got += await self.repo.claim_queue(
+                    queued = await self.repo.claim_queue(
                         worker_id=self.worker_id, now=now, lease_s=d.lease_s,
                         limit=max(0, min(room - len(got), CLAIM_BATCH)),
                         make_job=self._queue_job)
-                    for job in got:
+                    for job in queued:
+                        metrics.files_claimed.labels(job.service).inc()
+                    for job in (*got, *queued):
                         self._adopt(job)
-                    if len(got) >= CLAIM_BATCH:
+                    if len(got) + len(queued) >= CLAIM_BATCH:
                         continue
-            except Exception as exc:
+            except Exception as exc:  # the database is briefly unavailable: try again soon
                 log.warning("claim_failed", error=str(exc))
             self._claim_wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._claim_wake.wait(), CLAIM_INTERVAL_S)
-
-    async def _report_lag(self) -> None:
-        """Every LAG_REPORT_S, how late executors picked up due jobs (a poll's lateness against
-        its schedule, before its HTTP call): the health of the timer heap and executor pool."""
-        while True:
-            await asyncio.sleep(LAG_REPORT_S)
-            lags, self._lags = sorted(self._lags), []
-            if lags:
-                log.info("schedule_lag", n=len(lags), p50_s=round(lags[len(lags) // 2], 4),
-                         p99_s=round(lags[int(len(lags) * 0.99)], 4), max_s=round(lags[-1], 4),
-                         held=len(self._held))
+            try:
+                async with asyncio.timeout(CLAIM_INTERVAL_S):
+                    await self._claim_wake.wait()
+            except TimeoutError:
+                pass
 
     def _queue_job(self, item: jobs.QueueItem) -> jobs.NewJob:
         return intake.from_queue(self.settings, item)
 
     async def _heartbeat(self) -> None:
-        d = self.settings.daemon
         while True:
+            d = self.settings.daemon
             await asyncio.sleep(d.heartbeat_s)
+            if self._check is not None:
+                self._check()
             try:
-                await self.repo.heartbeat(self.worker_id, now=clock.now(), lease_s=d.lease_s)
+                n = await self.repo.heartbeat(self.worker_id, now=clock.now(), lease_s=d.lease_s)
             except Exception as exc:
-                log.warning("heartbeat_failed", error=str(exc))
-
-    async def _on_file(self, item: watcher.Candidate | watcher.Rejected) -> None:
-        """The watcher's callback: returns at once; `_claim_files` inserts in batches."""
-        if isinstance(item, watcher.Rejected):
-            log.warning("input_rejected", path=str(item.path), reason=item.reason)
-            return
-        self._files.append(item)
-        self._files_wake.set()
-
-    async def _claim_files(self) -> None:
-        """Insert the job rows of settled files, everything waiting in one transaction (a
-        burst of 1,000 files is a few commits, not 1,000), then hand the jobs to executors."""
-        d = self.settings.daemon
-        failures = 0
-        while True:
-            await self._files_wake.wait()
-            self._files_wake.clear()
-            while self._files:
-                batch = self._files[:CLAIM_BATCH]
-                try:
-                    made = await self.repo.create_jobs(
-                        [intake.from_candidate(self.settings, c) for c in batch],
-                        worker_id=self.worker_id, now=clock.now(), lease_s=d.lease_s)
-                except Exception as exc:  # the database is briefly unavailable: files wait
-                    failures += 1
-                    log.warning("claim_insert_retry", files=len(batch), error=str(exc))
-                    if failures >= MAX_INSERT_FAILURES:  # let a later rescan offer them again
-                        del self._files[:len(batch)]
-                        assert self._watcher is not None
-                        for cand in batch:
-                            self._watcher.forget(cand.path)
-                    await asyncio.sleep(min(10.0, 0.1 * 2 ** failures))
-                    continue
-                failures = 0
-                del self._files[:len(batch)]
-                assert self._watcher is not None
-                for cand in batch:  # claimed now, or earlier / by another host: done either way
-                    self._watcher.done(cand)
-                for job in made:
-                    log.info("input_claimed", job_id=job.short_id, path=job.source_path,
-                             service=job.service)
-                    self._adopt(job)
-
-    async def _intake(self) -> None:
-        if not self.settings.watches:
-            self._intake_done.set()
-            self.ready.set()
-            await self._stopping.wait()
-            return
-        self._watcher = watcher.FolderWatcher(
-            self.settings.watches, rescan_s=self.settings.daemon.rescan_s
-        )
-        stop = asyncio.Event()
-        task = asyncio.create_task(self._watcher.run(self._on_file, stop))
-        self.ready.set()
-        try:
-            if self.once:
-                await self._watcher.started.wait()
-                while self._watcher.pending_count():  # noqa: ASYNC110 - no idle event to wait on
-                    await asyncio.sleep(0.05)  # files still settling
-                self._intake_done.set()
-            await self._stopping.wait()
-        finally:
-            stop.set()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(task, 5)
-
-    async def _drained(self) -> None:
-        """`--once`: intake idle, nothing held, and no active job left in the database."""
-        await self._intake_done.wait()
-        while True:
-            await asyncio.sleep(0.2)
-            if self._held or self._files or not self._ready.empty():
+                log.warning("heartbeat_failed", error=str(exc),
+                            since_renewal_s=round(clock.monotonic() - self._renewed_at, 1))
                 continue
-            counts = await self.repo.count_by_state()
-            if not any(counts.get(s, 0) for s in lifecycle.ACTIVE_STATES):
-                return
+            self._renewed_at = clock.monotonic()
+            metrics.leases_renewed.inc(n)
 
-    # -- running -----------------------------------------------------------------------------
-    async def run(self, stop: asyncio.Event) -> Stats:
-        d = self.settings.daemon
-        await self.repo.register_worker(
-            self.worker_id, host=socket.gethostname(), pid=os.getpid(), now=clock.now())
-        connector = aiohttp.TCPConnector(limit=d.http_connections, limit_per_host=0)
-        async with aiohttp.ClientSession(connector=connector) as session:
-            ctx = await steps.open_context(self.settings, session, rng=self._rng)
-            self._writer.start()
-            tasks = [
-                asyncio.create_task(self._timer(), name="timer"),
-                asyncio.create_task(self._claimer(), name="claimer"),
-                asyncio.create_task(self._heartbeat(), name="heartbeat"),
-                asyncio.create_task(self._report_lag(), name="lag-report"),
-                asyncio.create_task(self._intake(), name="intake"),
-                asyncio.create_task(self._claim_files(), name="claim-files"),
-                *(asyncio.create_task(self._executor(ctx), name=f"executor-{i}")
-                  for i in range(d.executors)),
-            ]
-            waiters: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait())]
-            if self.once:
-                waiters.append(asyncio.create_task(self._drained()))
+    async def _self_check_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SELF_CHECK_S)
+            await self.self_check()
+
+    async def self_check(self) -> int:
+        """Every held job must be scheduled, running or parked; any other is an orphan (a bug
+        this check makes survivable): log it and schedule it. Jobs the database says this
+        worker leases but that it does not hold are adopted. Returns the orphans found."""
+        orphans = [j for j in self._held.values() if not self._tracked(j.id)]
+        for job in orphans:
+            log.warning("job_orphan_recovered", job_id=job.short_id, state=job.state.value,
+                        found="held")
+            self.scheduler.schedule(job.id)
+        leased_by = getattr(self.repo, "leased_jobs", None)
+        if leased_by is not None:
+            # A job held at the start, or forgotten while the query ran (it ended), is not
+            # an orphan even if the snapshot the query read still shows it leased.
+            seen, self._forgotten = set(self._held), set()
             try:
-                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                leased: list[jobs.Job] = await leased_by(self.worker_id)
             finally:
-                log.info("worker_stopping", held=len(self._held))
-                self._stopping.set()
-                for w in waiters:
-                    w.cancel()
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, *waiters, return_exceptions=True)
-                await self._writer.close()
-                with contextlib.suppress(Exception):
-                    await self.repo.release(self.worker_id, now=clock.now())
-                await steps.close_context(ctx)
-        return self.stats
+                seen |= self._forgotten
+                self._forgotten = None
+            for job in leased:
+                if job.id not in seen and job.id not in self._held:
+                    log.warning("job_orphan_recovered", job_id=job.short_id,
+                                state=job.state.value, found="leased")
+                    orphans.append(job)
+                    self._adopt(job, new=False)
+        self.stats.orphans += len(orphans)
+        return len(orphans)
+
+
+def _is_rejected(exc: BaseException) -> bool:
+    """The writer's "this item can never apply" (writer.ItemRejected)."""
+    rejected = getattr(writer, "ItemRejected", None)
+    return rejected is not None and isinstance(exc, rejected)
+
