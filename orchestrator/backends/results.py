@@ -92,6 +92,6 @@ async def write(
     finally:
         if fd is not None:
             os.close(fd)
-        if not committed:
-            with contextlib.suppress(FileNotFoundError):
+        if not committed:  # never created, or its folder is not one: nothing to remove
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
