@@ -267,10 +267,19 @@ def config_group() -> None:
 
 @config_group.command(name="check")
 @config_option
-def config_check(config_path: Path) -> None:
+@click.option("--online", is_flag=True,
+              help="Also compare each service's swagger.json with the config and try the "
+                   "storage account (list, write and delete a probe blob); exit 1 on a mismatch.")
+def config_check(config_path: Path, online: bool) -> None:
     """Validate the configuration and print it resolved, with secrets redacted."""
     settings = load_settings(config_path)
     click.echo(json.dumps(config.redacted(settings), indent=2, default=str))
+    if online:
+        from orchestrator import online as online_mod
+
+        rows = run_async(online_mod.run(settings))
+        click.echo(online_mod.render(rows))
+        sys.exit(0 if all(r.ok for r in rows) else 1)
 
 
 @main.command()
