@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pydantic
 import pytest
 from aiohttp import web
 
@@ -160,7 +161,8 @@ def test_rrs_answer_becomes_csv_text() -> None:
 
 @pytest.fixture
 async def emulator() -> AsyncIterator[str]:
-    async with emu_server.running(emu_options.EmulatorOptions(api_key=API_KEY, seed=1)) as url:
+    opts = emu_options.EmulatorOptions(api_key=pydantic.SecretStr(API_KEY), seed=1)
+    async with emu_server.running(opts) as url:
         yield url
 
 
@@ -263,7 +265,7 @@ async def test_calls_are_counted_by_status_class_with_latency_and_throttling(
     assert value(metrics.backend_calls, "metered", "status", "4xx") == 1
     assert value(metrics.backend_calls, "metered", "status", "2xx") == 1
     assert value(metrics.throttled, "metered") == 1
-    count = [s.value for s in metrics.backend_call_seconds.collect()[0].samples
+    count = [s.value for s in next(iter(metrics.backend_call_seconds.collect())).samples
              if s.name.endswith("_count") and s.labels == {"service": "metered",
                                                             "operation": "status"}]
     assert count == [2]

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pydantic
 import pytest
 from aiohttp import web
 
@@ -54,7 +55,7 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 @pytest.fixture
 async def emulator() -> AsyncIterator[str]:
-    opts = emu_options.EmulatorOptions(api_key=API_KEY, seed=1)
+    opts = emu_options.EmulatorOptions(api_key=pydantic.SecretStr(API_KEY), seed=1)
     async with emu_server.running(opts) as url:
         yield url
 
@@ -260,7 +261,8 @@ async def test_quota_403_with_retry_after_is_throttled(emulator: str,
 
 
 async def test_apim_subscription_key_is_sent(session: aiohttp.ClientSession) -> None:
-    opts = emu_options.EmulatorOptions(api_key=API_KEY, apim_key=APIM_KEY)
+    opts = emu_options.EmulatorOptions(api_key=pydantic.SecretStr(API_KEY),
+                                       apim_key=pydantic.SecretStr(APIM_KEY))
     async with emu_server.running(opts) as url:
         good = client_mod.BesClient(
             _service(url, apim_key=config.Secret(APIM_KEY)), session)
@@ -448,7 +450,8 @@ async def test_gate_adapts_to_gateway_rate_limit(session: aiohttp.ClientSession)
     """Issue 4: after the first 429s of a window the gate adapts; later windows see at most one
     further 429 each, and the service keeps being called at about the allowed rate."""
     opts = emu_options.EmulatorOptions(
-        api_key=API_KEY, rate_limit=emu_options.RateLimit(calls=10, period_s=1.0))
+        api_key=pydantic.SecretStr(API_KEY),
+        rate_limit=emu_options.RateLimit(calls=10, period_s=1.0))
     async with emu_server.running(opts) as url:
         gate = throttle.ServiceGate()  # the default 60 s window: the gateway's is unknown
         bes = client_mod.BesClient(_service(url), session, gate=gate)
