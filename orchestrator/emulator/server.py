@@ -34,9 +34,9 @@ from aiohttp import web
 from orchestrator import logs
 from orchestrator.emulator import batch, blobs, models
 from orchestrator.emulator import options as options_mod
+from orchestrator.storage import naming
 
 API_VERSION = "2.0"
-OUTPUT_EXTENSIONS = (".csv", ".tsv", ".arff", ".ilearner")
 APIM_401_MESSAGE = (
     "Access denied due to invalid subscription key. Make sure to provide a valid key for an "
     "active subscription."
@@ -340,10 +340,10 @@ class Emulator:
                 ref = blobs.parse_reference(raw[name])
             except blobs.ReferenceError_ as exc:
                 raise bad_argument("MissingOutputBlobInformation", f"{name}: {exc}") from None
-            if ref.extension not in OUTPUT_EXTENSIONS:
+            if ref.extension not in naming.OUTPUT_EXTENSIONS:
                 raise bad_argument("InvalidBlobExtension",
                                    f"{name}: output blob {ref.blob!r} must end in one of "
-                                   f"{', '.join(OUTPUT_EXTENSIONS)}.")
+                                   f"{', '.join(naming.OUTPUT_EXTENSIONS)}.")
             refs[name] = ref
         return refs
 
