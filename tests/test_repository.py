@@ -18,9 +18,12 @@ from typing import Any, cast
 import pytest
 import sqlalchemy as sa
 
+from orchestrator import azurite as azurite_mod
 from orchestrator import clock, errors, jobs, lifecycle
 from orchestrator.db import engine as db_engine
 from orchestrator.db import migrate, repository
+from tests import harness
+from tests import test_crash as crash
 
 S = lifecycle.JobState
 T0 = dt.datetime(2026, 11, 27, 20, 45, 55, 123456, tzinfo=dt.UTC)
@@ -850,3 +853,44 @@ async def test_two_processes_on_one_sqlite_file_never_share_a_job(
     assert sorted(mine + theirs) == sorted(j.id for j in made)
     owners = {j.id: j.lease_owner for j in await repo.list_jobs(limit=1000)}
     assert all(owners[i] == "parent" for i in mine) and all(owners[i] == "child" for i in theirs)
+
+
+# -- acceptance: `jobs retry` after a full results disk, end to end ------------------------------
+@pytest.mark.slow
+def test_retry_after_unwritable_results_fetches_them_without_a_second_bes_job(
+    tmp_path: Path, azurite: azurite_mod.Azurite
+) -> None:
+    """The daemon, Azurite and the emulator as real processes. The results folder cannot be
+    made (a file stands where it should be), the job fails ResultUnwritable; once the folder can
+    be made, `jobs retry` resumes at the download: the results arrive, the input is archived,
+    and BES is not asked for a second job."""
+    (tmp_path / "blocked").write_text("not a folder\n")
+    with harness.emulator("--run-time-s", "0.1") as emu:
+        s = harness.make_setup(
+            tmp_path, emulator_url=emu.url, storage_connection_string=azurite.connection_string,
+            watch={"output_dir": "blocked/results"})
+        s.cli("migrate")
+        texts = crash.texts_for(2)
+        s.drop("x.csv", crash.csv_text(texts))
+        assert s.cli("run", "--once", check=False, timeout=60).returncode == 1
+        [job] = s.history()
+        assert (job["state"], job["error_code"]) == ("failed", "ResultUnwritable"), job
+        assert emu.stats()["submits"] == 1
+        (tmp_path / "blocked").unlink()
+        s.cli("jobs", "retry", job["job_id"][:8])
+        s.cli("run", "--once", timeout=60)
+        [again] = s.history()
+        assert again["state"] == "done", again
+        assert again["runs"] == 2
+        assert emu.stats()["submits"] == 1  # the finished BES job's results were fetched again
+        result = tmp_path / "blocked" / "results" / "x.output1.csv"
+        crash.check_result(result, texts)
+        assert (s.archive / "x.csv").read_text() == crash.csv_text(texts)
+        assert not (s.failed / "x.csv").exists()
+        with sqlite3.connect(tmp_path / "state.db") as db:
+            moves = db.execute("SELECT from_state, to_state, message FROM job_events "
+                               "WHERE job_id = ? ORDER BY id", (job["job_id"],)).fetchall()
+        after = [(a, b) for a, b, _ in moves[[b for _, b, _ in moves].index("failed") + 1:]]
+        assert after == [("failed", "remote_finished"), ("remote_finished", "downloaded"),
+                         ("downloaded", "done")], moves
+        assert "resuming at the download step" in moves[-3][2]
