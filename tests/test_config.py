@@ -115,7 +115,7 @@ def test_example_file_parses_and_documents_every_key(tmp_path: Path) -> None:
     assert {svc.kind for svc in s.services.values()} == set(config.KINDS)
     # Every key a model has is named in the file (secrets by their _env form).
     documented = text
-    models: list[type[config._Model]] = [
+    models: list[type[config.core.Model]] = [
         config.DaemonConfig, config.DatabaseConfig, config.StorageConfig, config.HttpConfig,
         config.BesService, config.RrsService, config.BatchEndpointService, config.WatchConfig,
         config.PollPolicy, config.RetryPolicy, config.CredentialConfig]
@@ -123,7 +123,7 @@ def test_example_file_parses_and_documents_every_key(tmp_path: Path) -> None:
         for name, field in model.model_fields.items():
             if name == "name" and model is not config.WatchConfig:
                 continue
-            key = f"{name}_env" if config._is_secret(field.annotation) else name
+            key = f"{name}_env" if config.core.is_secret(field.annotation) else name
             assert f"{key} =" in documented or f".{key}]" in documented, (model.__name__, key)
 
 
