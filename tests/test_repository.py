@@ -687,6 +687,13 @@ async def test_a_clock_ahead_cannot_take_a_live_lease(repo: repository.Repositor
     assert taken.id == short.id
 
 
+async def test_clock_skew_against_the_database(repo: repository.Repository) -> None:
+    now = clock.now()
+    assert abs(await repo.clock_skew_s(now=now)) < 5
+    assert await repo.clock_skew_s(now=now + dt.timedelta(seconds=120)) == pytest.approx(
+        -120, abs=5)
+
+
 # -- reading -------------------------------------------------------------------------------------
 async def test_lists_and_counts(repo: repository.Repository) -> None:
     made = []

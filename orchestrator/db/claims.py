@@ -5,9 +5,12 @@ renews), but it is taken over only when two clocks agree it has expired: the cla
 database's own (PostgreSQL `clock_timestamp()`; for SQLite, whose file is local, the host clock
 as SQLite reads it, not the program's). So a host whose wall clock steps forward, or runs
 ahead of the others, cannot take leases that are still live: the database's clock, shared by
-every host, says they are not. The holder's side is its renewal: heartbeats every `heartbeat_s`
-(a monotonic interval, well inside `lease_s`) push the expiry forward, and a second daemon
-with the same worker id is refused at start while the first one's heartbeat is fresh
+every host, says they are not. Stored times stay the program's (`now` is passed in), so the
+history reads in one clock and tests can pass their own times. The holder's side is its
+renewal: heartbeats every `heartbeat_s` (a monotonic interval, well inside `lease_s`) push the
+expiry forward; `clock_skew_s` lets a daemon whose own clock is far behind the database's
+(its leases would look expired early) find out at start and at each heartbeat; and a second
+daemon with the same worker id is refused at start while the first one's heartbeat is fresh
 (`register_worker`), so one id never has two holders.
 """
 

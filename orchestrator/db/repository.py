@@ -106,6 +106,13 @@ class Repository:
             await claims.register_worker(conn, self.dialect, worker_id, host=host, pid=pid,
                                          now=now, lease_s=lease_s)
 
+    async def clock_skew_s(self, *, now: dt.datetime) -> float:
+        """How far the database's clock is ahead of `now` (negative: behind), in seconds.
+        A daemon whose clock trails the database's by a good part of `lease_s` writes leases
+        that others may see expire early: worth a warning, or a refusal to start."""
+        async with self._read() as conn:
+            return (await claims.db_now(conn, self.dialect) - now).total_seconds()
+
     async def heartbeat(self, worker_id: str, *, now: dt.datetime, lease_s: float) -> int:
         """Renew every lease this worker holds (one UPDATE) and its workers row."""
         async with self._write() as conn:
