@@ -13,7 +13,7 @@ def test_invoke_body_has_one_uri_file_each_way_our_tags_and_only_given_overrides
     body = protocol.build_invoke_body(
         input_name="heart_dataset", input_uri=protocol.datastore_uri("ds", "/p/j1/1/in/a.csv"),
         output_name="score", output_uri=protocol.datastore_uri("ds", "p/j1/1/out/predictions.csv"),
-        job_id="j1", attempt=1,
+        job_id="j1", attempt="1",
         overrides=protocol.Overrides(mini_batch_size=10, max_retries=3, retry_timeout_s=30),
     )
     props = body["properties"]
@@ -53,7 +53,7 @@ def test_job_resource_in_either_casing() -> None:
         job = protocol.parse_job(body)
         assert job.name == "batchjob-1" and job.status == "Preparing"
         assert job.studio_url == "https://ml.azure.com/runs/batchjob-1"
-        assert protocol.matches(job, "j", 2) and not protocol.matches(job, "j", 1)
+        assert protocol.matches(job, "j", "2") and not protocol.matches(job, "j", "1")
 
 
 def test_a_job_name_that_is_not_a_plain_token_never_reaches_a_url() -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import typing
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
@@ -85,6 +86,21 @@ class Submitted:
     status: str
     #: For the job's event row, e.g. "BES job 1a2b… submitted".
     message: str
+
+
+@typing.runtime_checkable
+class PacedPolls(Protocol):
+    """An optional capability: a backend whose status reads share a budget (batch endpoints:
+    one ARM read budget per subscription) spaces its polls itself. The poll step asks it when
+    a poll may go out and reserves the next one; a job waiting for its slot holds nothing."""
+
+    def poll_wait_s(self, job: jobs.Job) -> float:
+        """Seconds until the job's read slot (0: poll now)."""
+        ...
+
+    def next_poll_delay_s(self, job: jobs.Job, wanted_s: float) -> float:
+        """Reserve the job's next read at or after `wanted_s`; returns the actual delay."""
+        ...
 
 
 class Backend(Protocol):

@@ -8,8 +8,10 @@ from typing import Any
 
 import aiohttp
 
-from orchestrator import config, errors
+from orchestrator import config, errors, identity
 from orchestrator.backends import base
+from orchestrator.backends.batch_endpoint import backend as batch_backend
+from orchestrator.backends.batch_endpoint import budget as batch_budget
 from orchestrator.backends.bes import backend as bes_backend
 from orchestrator.backends.rrs import backend as rrs_backend
 from orchestrator.storage import blob
@@ -22,6 +24,8 @@ class Shared:
     settings: config.Settings
     session: aiohttp.ClientSession
     blobs: blob.BlobStore
+    #: Subscription id -> its ARM read budget, shared by every batch endpoint polled through it.
+    arm_budgets: dict[str, batch_budget.ReadBudget] = dataclasses.field(default_factory=dict)
 
 
 def _bes(service: Any, shared: Shared) -> base.Backend:
@@ -34,10 +38,28 @@ def _rrs(service: Any, shared: Shared) -> base.Backend:
     return rrs_backend.RrsBackend(service, shared.session)
 
 
+def subscription_of(workspace_id: str) -> str:
+    """`/subscriptions/{sub}/resourceGroups/…` -> `sub` (ARM counts reads per subscription)."""
+    parts = workspace_id.strip("/").split("/")
+    return parts[1].lower() if len(parts) > 1 else workspace_id
+
+
+def _batch_endpoint(service: Any, shared: Shared) -> base.Backend:
+    assert isinstance(service, config.BatchEndpointService)
+    # One budget per subscription: the first service of a subscription sets its rate.
+    budget = shared.arm_budgets.setdefault(
+        subscription_of(service.workspace_id),
+        batch_budget.ReadBudget(service.arm_reads_per_s))
+    return batch_backend.BatchEndpointBackend(
+        service, session=shared.session, storage=shared.settings.storage,
+        credential=identity.build(service.credential), budget=budget)
+
+
 #: kind -> constructor. A new backend adds one line here.
 BUILDERS: dict[str, Callable[[Any, Shared], base.Backend]] = {
     "bes": _bes,
     "rrs": _rrs,
+    "batch_endpoint": _batch_endpoint,
 }
 
 

@@ -3,6 +3,7 @@ job in its timer heap between polls, so a waiting job holds no slot and no corou
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 from orchestrator import backoff, clock, config, jobs, lifecycle, metrics, steps
@@ -104,10 +105,18 @@ async def run(job: jobs.Job, ctx: steps.Context) -> steps.StepResult:
             ),
             fields={"bes_status": "Cancelled"},
         )
+    paced = backend if isinstance(backend, base.PacedPolls) else None
+    if paced is not None and (wait_s := paced.poll_wait_s(job)) > 0:
+        # Not this job's read slot yet: wait for it without a call (and without a write).
+        return steps.Wait(delay_s=wait_s, bes_status=job.bes_status or "",
+                          poll_count=job.poll_count)
     metrics.polls.labels(job.service).inc()
     report = await backend.status(job)
     result = decide(job, report, service, rng=ctx.rng, noun=backend.noun,
                     code_prefix=backend.code_prefix)
+    if paced is not None and isinstance(result, steps.Wait):
+        result = dataclasses.replace(
+            result, delay_s=paced.next_poll_delay_s(job, result.delay_s))
     if isinstance(result, steps.Advance) and result.to is lifecycle.JobState.REMOTE_FINISHED:
         ctx.result_cache[job.id] = report.results
     return result

@@ -106,7 +106,7 @@ class BatchEndpointClient:
         """`POST {scoring_uri}`: creates and starts a job. NOT idempotent: a TransientError here
         means the job may or may not exist; the caller looks it up by tags before invoking again.
         """
-        headers = {"repeatability-request-id": request_id or str(uuid.uuid4())}
+        headers = {"repeatability_request-id": request_id or str(uuid.uuid4())}
         if self.deployment:
             headers["azureml-model-deployment"] = self.deployment
         result = await self._request("POST", self.scoring_uri, "invoke", INVOKE_SCOPE,
@@ -118,7 +118,7 @@ class BatchEndpointClient:
         result = await self._request("GET", self._job_url(name), "status", ARM_SCOPE, arm=True)
         return self._job(result, "status")
 
-    async def find_job(self, job_id: str, attempt: int) -> protocol.JobResource | None:
+    async def find_job(self, job_id: str, attempt: str) -> protocol.JobResource | None:
         """The remote job invoked for our job's attempt, looked up by its tags (all pages)."""
         url: str | None = f"{self.workspace_url}/jobs"
         params: dict[str, str] | None = {"api-version": self.api_version, "tag": protocol.TAG_JOB}

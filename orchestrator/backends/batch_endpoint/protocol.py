@@ -145,7 +145,7 @@ def build_invoke_body(
     output_name: str,
     output_uri: str,
     job_id: str,
-    attempt: int,
+    attempt: str,
     overrides: Overrides,
 ) -> dict[str, Any]:
     """The invoke request: one UriFile input, one UriFile output at a path of our own (the job
@@ -153,7 +153,7 @@ def build_invoke_body(
     props: dict[str, Any] = {
         "InputData": {input_name: {"JobInputType": "UriFile", "Uri": input_uri}},
         "OutputData": {output_name: {"JobOutputType": "UriFile", "Uri": output_uri}},
-        "Tags": {TAG_JOB: job_id, TAG_ATTEMPT: str(attempt)},
+        "Tags": {TAG_JOB: job_id, TAG_ATTEMPT: attempt},
     }
     if overrides.mini_batch_size is not None:
         props["MiniBatchSize"] = overrides.mini_batch_size
@@ -171,9 +171,9 @@ def build_invoke_body(
     return {"properties": props}
 
 
-def matches(job: JobResource, job_id: str, attempt: int) -> bool:
+def matches(job: JobResource, job_id: str, attempt: str) -> bool:
     """Is this remote job the one invoked for our job's `attempt`?"""
-    return job.tags.get(TAG_JOB) == job_id and job.tags.get(TAG_ATTEMPT) == str(attempt)
+    return job.tags.get(TAG_JOB) == job_id and job.tags.get(TAG_ATTEMPT) == attempt
 
 
 def parse_job_page(body: Any) -> tuple[list[JobResource], str | None]:
