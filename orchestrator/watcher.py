@@ -3,8 +3,12 @@
 A file is offered (`Candidate`) once its name is acceptable and its size and mtime have not
 changed for the watch's `settle_s`. Files that can never be taken although their name matches
 (unreadable, symlinks not followed or pointing outside, FIFOs) are reported once per version
-(`Rejected`). Names of files still being written (hidden, `*.part`, …) and directories are
-ignored without a word.
+(`Rejected`). A file whose name no watch on its folder accepts (`*.txt` in a `*.csv` inbox) is
+logged once per name at info (`input_ignored`), so no file sits in an inbox unexplained. Names
+of files still being written (hidden, `*.part`, …) and directories are ignored without a word.
+
+Patterns match case-insensitively unless the watch says `case_sensitive = true`: `*.csv` takes
+`DATA.CSV` and `data.Csv` too.
 
 Finding files fast and never missing one: watchfiles (inotify) with a short debounce reports
 changes within milliseconds; a scan at start and a periodic rescan are the safety net for what
@@ -114,10 +118,11 @@ class Look:
 # Pure decisions
 
 
-def classify_name(name: str, pattern: str) -> str | None:
+def classify_name(name: str, pattern: str, *, case_sensitive: bool = False) -> str | None:
     """None if a file of this name may be taken, else why it is ignored.
 
-    `pattern` is an fnmatch glob matched case-sensitively (POSIX semantics on every platform).
+    `pattern` is an fnmatch glob (POSIX semantics on every platform), matched ignoring case
+    unless `case_sensitive`.
     """
     if name.startswith("."):
         return "hidden"
@@ -127,7 +132,11 @@ def classify_name(name: str, pattern: str) -> str | None:
             return f"temporary (*{suffix})"
     if name.endswith("~"):
         return "temporary (*~)"
-    if not fnmatch.fnmatchcase(name, pattern):
+    if case_sensitive:
+        matched = fnmatch.fnmatchcase(name, pattern)
+    else:
+        matched = fnmatch.fnmatchcase(name.casefold(), pattern.casefold())
+    if not matched:
         return "pattern"
     return None
 
@@ -252,6 +261,8 @@ class FolderWatcher:
         }
         self._folder_of = {w.name: str(Path(os.path.abspath(w.folder))) for w in watches}
         self._entries: dict[_Key, _Entry] = {}
+        #: folder -> names logged as matching no pattern (logged once while they stay)
+        self._ignored: dict[str, set[str]] = {}
         self._heap: list[tuple[float, int, _Key]] = []
         self._armed: set[_Key] = set()
         self._seq = 0
@@ -413,6 +424,11 @@ class FolderWatcher:
             look = inspect(path, folder_real=folder.real, follow_symlinks=watch.follow_symlinks)
             yield from self._consider(watch, path, look, now, rescan=False)
 
+    def _log_ignored(self, folder: _Folder, name: str) -> None:
+        patterns = sorted({w.pattern for w in folder.watches})
+        _log.info("input_ignored", folder=str(folder.path), name=name,
+                  reason=f"matches no watch pattern ({', '.join(patterns)})")
+
     def _next_timer_s(self) -> float:
         return self._heap[0][0] if self._heap else float("inf")
 
@@ -428,6 +444,12 @@ class FolderWatcher:
     ) -> list[Candidate | Rejected]:
         path = folder.path / name
         out: list[Candidate | Rejected] = []
+        if unmatched(folder.watches, name):
+            known = self._ignored.setdefault(str(folder.path), set())
+            if name not in known and path.exists() and not path.is_dir():
+                known.add(name)
+                self._log_ignored(folder, name)
+            return out
         for watch, look in _inspect_name(folder, path):
             out.extend(self._consider(watch, path, look, now, rescan=False))
         return out
@@ -475,14 +497,18 @@ class FolderWatcher:
     async def _rescan(self) -> list[Candidate | Rejected]:
         out: list[Candidate | Rejected] = []
         for folder in list(self._folders.values()):
-            looks = await asyncio.to_thread(_scan_folder, folder)
-            if looks is None:
+            scan = await asyncio.to_thread(_scan_folder, folder)
+            if scan is None:
                 # Folder missing or unreadable: keep what we know, try to re-create it.
                 await self._prepare_folders()
                 continue
+            known = self._ignored.get(str(folder.path), set())
+            for name in sorted(scan.ignored - known):
+                self._log_ignored(folder, name)
+            self._ignored[str(folder.path)] = scan.ignored  # names gone since are forgotten
             now = clock.monotonic()
             seen: set[_Key] = set()
-            for watch, path, look in looks:
+            for watch, path, look in scan.looks:
                 seen.add((watch.name, path.name))
                 out.extend(self._consider(watch, path, look, now, rescan=True))
             names = {w.name for w in folder.watches}
@@ -503,7 +529,7 @@ def _inspect_name(
     out: list[tuple[config.WatchConfig, Look | None]] = []
     cache: dict[bool, Look | None] = {}
     for w in folder.watches:
-        if classify_name(path.name, w.pattern) is not None:
+        if _classify(path.name, w) is not None:
             continue
         if w.follow_symlinks not in cache:
             cache[w.follow_symlinks] = inspect(
@@ -513,20 +539,41 @@ def _inspect_name(
     return out
 
 
-def _scan_folder(
-    folder: _Folder,
-) -> list[tuple[config.WatchConfig, Path, Look | None]] | None:
+def _classify(name: str, watch: config.WatchConfig) -> str | None:
+    # getattr: the `case_sensitive` key is recent; a WatchConfig without it matches ignoring case
+    return classify_name(name, watch.pattern,
+                         case_sensitive=bool(getattr(watch, "case_sensitive", False)))
+
+
+def unmatched(folder_watches: Sequence[config.WatchConfig], name: str) -> bool:
+    """True when every watch on the folder refuses `name` for its pattern alone (not for being
+    hidden or temporary): a file nobody will take, which deserves a word in the log."""
+    reasons = [_classify(name, w) for w in folder_watches]
+    return bool(reasons) and all(r == "pattern" for r in reasons)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Scan:
+    looks: list[tuple[config.WatchConfig, Path, Look | None]]
+    ignored: set[str]  #: names no watch's pattern accepts (directories left out)
+
+
+def _scan_folder(folder: _Folder) -> _Scan | None:
     """List and inspect every acceptable name in `folder` (blocking: run in a thread)."""
     try:
-        names = os.listdir(folder.path)
+        with os.scandir(folder.path) as it:
+            entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
     except OSError as exc:
         _log.warning("watch_folder_unlistable", folder=str(folder.path), error=exc.strerror)
         return None
-    return [
+    looks = [
         (w, path, look)
-        for path in (folder.path / name for name in names)
+        for path in (folder.path / name for name, _is_dir in entries)
         for w, look in _inspect_name(folder, path)
     ]
+    ignored = {name for name, is_dir in entries
+               if not is_dir and unmatched(folder.watches, name)}
+    return _Scan(looks=looks, ignored=ignored)
 
 
 def _prepared(folders: dict[str, _Folder]) -> dict[str, _Folder]:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+import structlog
 
 from orchestrator import config, watcher
 
@@ -35,12 +36,20 @@ from orchestrator import config, watcher
         ("data.csv.crdownload", "temporary (*.crdownload)"),
         ("data.csv~", "temporary (*~)"),
         ("data.txt", "pattern"),
-        ("data.CSV", "pattern"),  # case-sensitive, as POSIX fnmatch
+        ("data.CSV", None),  # extensions match whatever their case, by default
+        ("Data.Csv", None),
         ("csv", "pattern"),
     ],
 )
 def test_classify_name(name: str, reason: str | None) -> None:
     assert watcher.classify_name(name, "*.csv") == reason
+
+
+def test_classify_name_case_sensitive_on_request() -> None:
+    assert watcher.classify_name("data.CSV", "*.csv", case_sensitive=True) == "pattern"
+    assert watcher.classify_name("data.csv", "*.csv", case_sensitive=True) is None
+    assert watcher.classify_name("DATA.CSV", "*.csv") is None
+    assert watcher.classify_name("data.csv", "*.CSV") is None
 
 
 def test_classify_name_other_patterns() -> None:
@@ -219,7 +228,7 @@ async def test_names_of_unfinished_or_unwanted_files_are_ignored(
     inbox: Path, staging: Path
 ) -> None:
     ignored = [".hidden.csv", "a.csv.tmp", "b.csv.part", "c.partial", "d.csv.crdownload",
-               "e.csv~", "f.txt", "g.CSV"]
+               "e.csv~", "f.txt", "g.CSV.part"]
     async with running(_watch(inbox), rescan_s=0.2) as run:
         for name in ignored:
             _drop(staging, inbox, name)
@@ -460,6 +469,58 @@ async def test_two_watches_on_one_folder_with_patterns(tmp_path: Path, staging: 
         assert sorted((c.watch, c.path.name) for c in run.candidates) == [
             ("csv", "x.csv"), ("tsv", "y.tsv")
         ]
+
+
+async def test_upper_and_mixed_case_extensions_are_taken(inbox: Path, staging: Path) -> None:
+    async with running(_watch(inbox)) as run:
+        for name in ("A.CSV", "b.Csv", "c.csv"):
+            _drop(staging, inbox, name)
+        await run.until(lambda: len(run.candidates) == 3)
+        assert run.names() == ["A.CSV", "b.Csv", "c.csv"]
+
+
+async def test_case_sensitive_watch_takes_only_the_exact_case(
+    tmp_path: Path, inbox: Path, staging: Path
+) -> None:
+    strict = _watch(inbox, case_sensitive=True)
+    async with running(strict) as run:
+        _drop(staging, inbox, "A.CSV")
+        _drop(staging, inbox, "b.csv")
+        await run.until(lambda: len(run.candidates) == 1)
+        await asyncio.sleep(0.2)
+        assert run.names() == ["b.csv"]
+
+
+async def test_a_file_no_pattern_takes_is_logged_once(inbox: Path, staging: Path) -> None:
+    inbox.mkdir()
+    (inbox / "before.txt").write_text("here at start\n")
+    (inbox / "sub.txt").mkdir()  # a directory: ignored without a word
+    with structlog.testing.capture_logs() as logs:
+        async with running(_watch(inbox), rescan_s=0.5) as run:
+            _drop(staging, inbox, "notes.txt")
+            _drop(staging, inbox, ".hidden.txt")  # still being written by convention: silent
+            _drop(staging, inbox, "x.csv")
+            await run.until(lambda: len(run.candidates) == 1)
+            (inbox / "notes.txt").write_text("changed\n")  # a new version: still once
+            await asyncio.sleep(1.2)  # two rescans
+    ignored = [e for e in logs if e["event"] == "input_ignored"]
+    assert sorted(e["name"] for e in ignored) == ["before.txt", "notes.txt"], ignored
+    assert all(e["log_level"] == "info" and "*.csv" in e["reason"] for e in ignored)
+
+
+async def test_a_name_one_watch_takes_is_not_logged_as_ignored(
+    tmp_path: Path, staging: Path
+) -> None:
+    inbox = tmp_path / "inbox"
+    csv = _watch(inbox, name="csv", pattern="*.csv")
+    tsv = _watch(inbox, name="tsv", pattern="*.tsv", service="other")
+    with structlog.testing.capture_logs() as logs:
+        async with running(csv, tsv) as run:
+            _drop(staging, inbox, "y.tsv")
+            _drop(staging, inbox, "z.txt")
+            await run.until(lambda: len(run.candidates) == 1)
+            await asyncio.sleep(0.2)
+    assert [e["name"] for e in logs if e["event"] == "input_ignored"] == ["z.txt"]
 
 
 async def test_stop_ends_run_promptly(inbox: Path) -> None:
