@@ -219,6 +219,9 @@ class BatchEndpointService(ServiceBase):
     retry_timeout_s: core.Positive | None = None
     #: ARM reads per second shared by every batch-endpoint service of one subscription.
     arm_reads_per_s: float = pydantic.Field(default=20.0, gt=0.0)
+    #: After an invoke whose answer was lost, a tag lookup that finds no job is believed only
+    #: this long after the invoke (ARM may list a new job late); until then nothing is invoked.
+    invoke_lookup_grace_s: float = pydantic.Field(default=60.0, ge=0.0)
     credential: CredentialConfig = CredentialConfig()
 
     @property

@@ -14,7 +14,7 @@ Never twice: invoke creates and starts a job and is not idempotent. When an earl
 this job may have taken effect (its answer was lost, or the daemon died before committing the
 name), the job is first looked up through ARM by its tags, and invoked again only if none
 exists. Whether ARM lists a job the moment invoke returns is not documented, so a lookup that
-finds nothing is trusted only once `LOOKUP_GRACE_S` has passed since that invoke could have
+finds nothing is trusted only once `invoke_lookup_grace_s` has passed since that invoke could have
 happened; until then the step waits (a transient error) instead of invoking.
 """
 
@@ -43,8 +43,6 @@ from orchestrator.backends.batch_endpoint import client as client_mod
 from orchestrator.backends.batch_endpoint import protocol
 from orchestrator.storage import blob
 
-#: How long after an uncertain invoke a lookup that finds nothing is believed.
-LOOKUP_GRACE_S = 60.0
 #: A poll whose read slot is this close counts as due now.
 SLOT_SLACK_S = 0.05
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
@@ -175,7 +173,7 @@ class BatchEndpointBackend:
                     message=f"batch job {found.name} found by its tags (an earlier invoke "
                             "took effect); not invoked again")
             since = self._invoked_at.get(job.id, self._started)
-            wait = since + LOOKUP_GRACE_S - time.monotonic()
+            wait = since + self.service.invoke_lookup_grace_s - time.monotonic()
             if wait > 0:
                 raise errors.TransientError(
                     "an earlier invoke may have taken effect and ARM does not list it yet;"
