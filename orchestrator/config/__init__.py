@@ -13,6 +13,7 @@ The models live in `core` (shared machinery), `services` (one model per backend 
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ from orchestrator.config.tables import WatchConfig as WatchConfig
 
 
 def parse(
-    data: dict[str, Any], *, base: Path, path: Path | None = None, secrets: bool = True
+    data: Mapping[str, Any], *, base: Path, path: Path | None = None, secrets: bool = True
 ) -> Settings:
     """Build Settings from parsed TOML. `base` resolves relative paths (the file's folder).
 
