@@ -146,6 +146,7 @@ def test_example_file_parses_and_documents_every_key(tmp_path: Path) -> None:
      'config error: storage.reference: must be "connection_string" or "sas"'),
     ({"watch.0.follow_symlinks": "yes"},
      "config error: watch[0].follow_symlinks: must be true or false"),
+    ({"watch.0.folder": 5}, "config error: watch[0].folder: must be a path"),
     ({"watch.0.service": "nope"}, "config error: watch[0].service: no service named 'nope'"),
     ({"watch": {"folder": "inbox"}}, "config error: watch: must be an array of tables: [[watch]]"),
     ({"services": {}}, "config error: services: at least one [services.NAME] table is required"),

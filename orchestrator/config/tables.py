@@ -273,8 +273,10 @@ class Settings(core.Model):
         if isinstance(watches, list):
             named = []
             for i, w in enumerate(watches):
-                if isinstance(w, dict) and "name" not in w and isinstance(w.get("folder"), str):
-                    w = {**w, "name": Path(w["folder"]).name or f"watch{i}"}
+                if isinstance(w, dict) and "name" not in w:
+                    folder = w.get("folder")
+                    name = Path(folder).name if isinstance(folder, str) else ""
+                    w = {**w, "name": name or f"watch{i}"}
                 named.append(w)
             data["watch"] = named
         return data
