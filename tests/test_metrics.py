@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from orchestrator import azurite as azurite_mod
 from tests import harness, test_web
 
