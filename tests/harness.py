@@ -157,6 +157,7 @@ def make_setup(
     watch: Mapping[str, Any] | None = None,
     daemon: Mapping[str, Any] | None = None,
     storage: Mapping[str, Any] | None = None,
+    http: Mapping[str, Any] | None = None,
     extra: str = "",
 ) -> Setup:
     root.mkdir(parents=True, exist_ok=True)
@@ -173,8 +174,11 @@ def make_setup(
     d = {"state_dir": "state", "heartbeat_s": 1.0, "lease_s": 5.0, "rescan_s": 2.0,
          **(daemon or {})}
     st = {"connection_string_env": STORAGE_ENV, "container": "bes-test", **(storage or {})}
+    # The status endpoint stays off unless a test asks for it (`http`, or an [http] table in
+    # `extra`): many daemons share this host, and its default port would collide.
+    h = "" if "[http]" in extra else table("http", {"listen": "", **(http or {})})
     text = (table("daemon", d) + table("database", {"url": db_url}) + table("storage", st)
-            + table("services.svc", svc) + table("[watch]", w) + extra)
+            + h + table("services.svc", svc) + table("[watch]", w) + extra)
     cfg = root / "config.toml"
     cfg.write_text(text)
     env = {**os.environ, API_KEY_ENV: API_KEY, APIM_KEY_ENV: APIM_KEY,
