@@ -822,14 +822,12 @@ class BatchEndpoints:
                                      "BES_EMULATOR_BE_STORAGE)")
         in_ref = blobs.from_connection_string(conn, opts.be_container, job.input_path)
         out_ref = in_ref.sibling(job.output_path)
-        if await self.storage.exists(out_ref, name=job.output_name):
-            raise blobs.StorageError(
-                f"{job.output_name}: the output file {opts.be_container}/{job.output_path} "
-                "already exists; every job needs a new output path")
         model = models.REGISTRY[job.model]
         chunks = model.transform(self.storage.read(in_ref, name=job.input_name), {},
                                  input_name=job.input_name, in_ext=in_ref.extension,
                                  out_ext=out_ref.extension or ".csv")
+        # Conditional (If-None-Match: *): an output file that exists fails the job, as in the
+        # service, and is left as it was.
         await self.storage.write(out_ref, chunks, name=job.output_name, overwrite=False)
 
     async def _finish_cancel(self, name: str) -> None:

@@ -248,19 +248,13 @@ class Storage:
                 raise StorageError(f"{name}: the connection to storage at {ref.account_url} "
                                    f"broke while reading {ref.container}/{ref.blob}") from None
 
-    async def exists(self, ref: BlobRef, *, name: str) -> bool:
-        try:
-            return bool(await self._client(ref).exists())
-        except azure_errors.AzureError as exc:
-            raise StorageError(describe(exc, name=name, ref=ref, verb="read")) from None
-
     async def write(self, ref: BlobRef, chunks: AsyncIterator[bytes], *, name: str,
                     overwrite: bool = True) -> None:
         """Upload the stream: one PUT if it fits in a chunk, else staged blocks then a commit.
 
         `overwrite=False`: the write fails (409 BlobAlreadyExists) if the blob exists."""
         if_missing: dict[str, Any] = {} if overwrite else {
-            "etag": "*", "match_condition": MatchConditions.IfMissing}
+            "match_condition": MatchConditions.IfMissing}
         client = self._client(ref)
         buf = bytearray()
         blocks: list[str] = []
@@ -303,6 +297,11 @@ def describe_status(status: int, code: str | None, *, name: str, ref: BlobRef,
 
 def describe(exc: BaseException, *, name: str, ref: BlobRef, verb: str) -> str:
     """A Details line a person can act on, free of credentials."""
+    if isinstance(exc, azure_errors.ResourceExistsError) or (
+            isinstance(exc, azure_errors.HttpResponseError) and exc.status_code == 412
+            and verb == "write"):
+        return (f"{name}: blob {ref.container}/{ref.blob} already exists at {ref.account_url}; "
+                "it is not overwritten")
     if isinstance(exc, azure_errors.ResourceNotFoundError):
         what = _code(exc) or "not found"
         return f"{name}: blob {ref.container}/{ref.blob} not found at {ref.account_url} ({what})"
