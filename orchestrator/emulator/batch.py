@@ -217,6 +217,7 @@ class BatchEndpoints:
         self.storage = storage
         self.rng = rng
         self.tokens: dict[str, Token] = {}
+        self.tokens_by_audience: collections.Counter[str] = collections.Counter()
         self.jobs: dict[str, BatchJob] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.running: set[str] = set()
@@ -341,6 +342,7 @@ class BatchEndpoints:
         expires_at = int(now + opts.token_lifetime_s)
         self.tokens[value] = Token(audience=resource, expires_at=expires_at)
         self.counters["tokens_issued"] += 1
+        self.tokens_by_audience[resource] += 1
         return web.json_response({
             "access_token": value, "expires_on": str(expires_at), "resource": resource,
             "token_type": "Bearer", "client_id": "00000000-0000-0000-0000-0000000e0e0e",
@@ -853,6 +855,7 @@ class BatchEndpoints:
             "submissions_invoked_twice": sum(1 for n in self.submissions.values() if n > 1),
             "arm_reads_per_s_last_10s": last_10 / 10,
             "arm_reads_peak_per_s": max(self.reads_by_second.values(), default=0),
+            "tokens_by_audience": dict(self.tokens_by_audience),
         }
 
     async def introspect_job(self, request: web.Request) -> web.StreamResponse:
