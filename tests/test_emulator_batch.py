@@ -522,7 +522,13 @@ async def test_faults_503_drops_and_not_responding(
         resp = await be.invoke(body_for("in/s.csv", "out/x.csv"))
         assert resp.status == 503 and resp.headers["Retry-After"] == "4"
         assert (await be.arm_get(f"/jobs{Q}")).status == 503
-        await be.configure(error_503_rate=0.0, drop_rate=1.0)
+        await be.configure(error_503_rate=0.0, invoke_denied_rate=1.0)
+        resp = await be.invoke(body_for("in/s.csv", "out/x.csv"))
+        assert resp.status == 403 and await resp.text() == batch.DENIED_BY_POLICY
+        await be.configure(invoke_denied_rate=0.0, invoke_201=True)
+        resp = await be.invoke(body_for("in/s.csv", "out/created.csv"))
+        assert resp.status == 201 and (await resp.json())["name"].startswith("batchjob-")
+        await be.configure(invoke_201=False, drop_rate=1.0)
         for i in range(8):
             with pytest.raises(aiohttp.ClientError):
                 await be.invoke(body_for("in/s.csv", f"out/d{i}.csv"))
@@ -531,7 +537,8 @@ async def test_faults_503_drops_and_not_responding(
         stats = (await be.emulator_get("/_emulator/stats"))["batch"]
         assert stats["dropped"] == 8
         # Half the drops hit after the invoke took effect: those jobs exist and run.
-        assert 1 <= stats["invokes"] <= 7 and stats["jobs"] == stats["invokes"]
+        assert 2 <= stats["invokes"] <= 8 and stats["jobs"] == stats["invokes"]
+        assert stats["invoke_denied"] == 1
         resp = await be.invoke(body_for("in/s.csv", "out/nr.csv"))
         name = (await resp.json())["name"]
         assert (await be.wait_final(name))["properties"]["status"] == "Completed"

@@ -55,6 +55,7 @@ NO_DEPLOYMENT_MESSAGE = (
     "No valid deployments to route to. Please check that the endpoint has at least one "
     "deployment with positive weight values or use a deployment specific header to route."
 )
+DENIED_BY_POLICY = "Token denied by policy."
 _API_VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}(-preview)?$")
 _DATASTORE_URI = re.compile(
     r"^azureml://(?:subscriptions/[^/]+/resource[gG]roups/[^/]+/workspaces/[^/]+/)?"
@@ -202,7 +203,8 @@ def _failure(prop: str, message: str, attempted: Any, code: str = "PredicateVali
 
 
 STATS_COUNTERS = (
-    "tokens_issued", "msi_errors", "invokes", "invoke_rejected", "duplicate_invokes",
+    "tokens_issued", "msi_errors", "invokes", "invoke_rejected", "invoke_denied",
+    "duplicate_invokes",
     "http_401", "http_503", "dropped", "arm_reads", "arm_writes", "arm_throttled",
     "list_pages", "cancels", "failures_injected", "not_responding_detours",
 )
@@ -546,6 +548,11 @@ class BatchEndpoints:
     async def invoke(self, request: web.Request) -> web.StreamResponse:
         self._authorize(request, ML_AUDIENCES)
         self._maybe_503()
+        opts = self.options
+        if opts.invoke_denied_rate and self.rng.random() < opts.invoke_denied_rate:
+            # A policy in front of the endpoint: not the ARM envelope, not even JSON.
+            self.counters["invoke_denied"] += 1
+            return web.Response(status=403, text=DENIED_BY_POLICY)
         deployment = self._deployment(request)
         try:
             body = json.loads(await request.read() or b"null")
@@ -582,7 +589,6 @@ class BatchEndpoints:
                 self.counters["duplicate_invokes"] += 1
             self.submissions[key] += 1
         self._seq += 1
-        opts = self.options
         self.jobs[name] = BatchJob(
             name=name, seq=self._seq,
             workspace_id=(opts.be_workspace_id or DEFAULT_WORKSPACE_ID).rstrip("/"),
@@ -592,7 +598,8 @@ class BatchEndpoints:
             created_at=time.time(), history=(str(JobStatus.PREPARING),),
         )
         self.tasks[name] = asyncio.create_task(self._life(name))
-        return web.json_response(self.resource(self.jobs[name]))
+        return web.json_response(self.resource(self.jobs[name]),
+                                 status=201 if opts.invoke_201 else 200)
 
     # -- the ARM plane -------------------------------------------------------------------------
 

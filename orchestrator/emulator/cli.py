@@ -112,6 +112,11 @@ _PROB = click.FloatRange(0.0, 1.0)
               metavar="CAPACITY/REFILL_PER_S", help="ARM write (cancel) token bucket.")
 @click.option("--arm-page-size", type=click.IntRange(1), default=options_mod.DEFAULT_ARM_PAGE_SIZE,
               show_default=True, help="Jobs per page of an ARM job list (then nextLink).")
+@click.option("--invoke-201", is_flag=True,
+              help="Answer a successful batch invoke 201 Created instead of 200.")
+@click.option("--invoke-denied-rate", type=_PROB, default=0.0,
+              help="Fraction of batch invokes refused 403 with a plain-text body "
+                   "('Token denied by policy.').")
 def emulator_command(**kwargs: object) -> None:
     """Serve the Azure ML BES protocol and RRS, and Azure ML batch endpoints (a managed-identity
     token endpoint, the scoring plane and the ARM plane), on HOST:PORT for development, demos,

@@ -244,6 +244,10 @@ class EmulatorOptions(BaseModel):
     arm_writes: OptionalBucket = Field(default_factory=lambda: parse_bucket(
         DEFAULT_ARM_WRITES, name="arm_writes"))
     arm_page_size: int = Field(default=DEFAULT_ARM_PAGE_SIZE, strict=True, ge=1)
+    #: Answer a successful invoke 201 instead of 200 (the service uses both).
+    invoke_201: bool = Field(default=False, strict=True)
+    #: Fraction of invokes refused 403 with a plain-text body, as a gateway policy does.
+    invoke_denied_rate: Probability = 0.0
 
     @pydantic.model_validator(mode="after")
     def _default_deployment_exists(self) -> EmulatorOptions:
