@@ -38,7 +38,8 @@ class MixedRun:
 
 
 @contextlib.contextmanager
-def mixed_run(root: Path, azurite: azurite_mod.Azurite) -> Iterator[MixedRun]:
+def mixed_run(root: Path, azurite: azurite_mod.Azurite, *, stuck_after_s: float = 3600
+              ) -> Iterator[MixedRun]:
     """The daemon with its HTTP endpoint on, after: three inputs done, two failed (one of them
     named like an HTML tag, both without the column the model needs), two in flight on a
     service whose jobs wait in NotStarted for ten minutes."""
@@ -50,7 +51,7 @@ def mixed_run(root: Path, azurite: azurite_mod.Azurite) -> Iterator[MixedRun]:
             "poll": {"initial_s": 0.2, "multiplier": 1.5, "max_s": 1.0, "jitter": 0.1}})
         slow_watch = harness.table("[watch]", {"folder": "slowbox", "service": "slow",
                                                "settle_s": 0.2, "create": True})
-        http = harness.table("http", {"listen": f"127.0.0.1:{port}", "stuck_after_s": 3600})
+        http = harness.table("http", {"listen": f"127.0.0.1:{port}", "stuck_after_s": stuck_after_s})
         setup = harness.make_setup(root, emulator_url=fast.url,
                                    storage_connection_string=azurite.connection_string,
                                    watch={"create": True},

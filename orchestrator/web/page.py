@@ -105,10 +105,11 @@ def chart(points: Sequence[queries.MinuteCount]) -> str:
                      f'y2="{y:.1f}"/><text class="axis" x="{left - 6}" y="{y + 4:.1f}" '
                      f'text-anchor="end">{peak * frac:g}</text>')
     if points:
-        for i in (0, len(points) // 2, len(points) - 1):
+        for i, anchor in ((0, "start"), (len(points) // 2, "middle"),
+                          (len(points) - 1, "end")):
             x, _ = xy(i, 0)
-            parts.append(f'<text class="axis" x="{x:.1f}" y="{height - 6}" text-anchor="middle">'
-                         f'{e(points[i].minute.strftime("%H:%M"))}</text>')
+            parts.append(f'<text class="axis" x="{x:.1f}" y="{height - 6}" '
+                         f'text-anchor="{anchor}">{e(points[i].minute.strftime("%H:%M"))}</text>')
     for series in ("done", "failed"):
         coords = [xy(i, getattr(p, series)) for i, p in enumerate(points)]
         if coords:
