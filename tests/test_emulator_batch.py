@@ -455,6 +455,8 @@ async def test_job_lookup_by_tag_pages_with_next_link(
                 found[item["name"]] = item["properties"]["tags"]
             url = page.get("nextLink")
         assert pages == 3
+        resp = await be.arm_get(f"/jobs{Q}&tag={batch.JOB_TAG}=job1")
+        assert resp.status == 400 and "tag name only" in (await resp.json())["error"]["message"]
         assert len(found) == 6
         assert {n: t for n, t in found.items() if n in names} == names
         stats = (await be.emulator_get("/_emulator/stats"))["batch"]

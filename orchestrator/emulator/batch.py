@@ -635,6 +635,11 @@ class BatchEndpoints:
         headers = self._arm(request)
         self.counters["list_pages"] += 1
         tag = request.query.get("tag")
+        if tag and "=" in tag:
+            # Whether the service filters on values is not on record: refuse rather than
+            # answer an empty list a client would take for "no such job".
+            raise BatchError(400, "BadRequest", f"The emulator filters jobs by tag name only "
+                                                f"(tag=<name>), got tag={tag!r}.")
         try:
             after = int(request.query.get("$skipToken", "0"))
         except ValueError:
