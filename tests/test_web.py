@@ -321,17 +321,6 @@ async def test_token_required_when_configured(seeded: Seeded) -> None:
             assert status == 200, path
 
 
-def test_parse_listen() -> None:
-    assert web_server.parse_listen("127.0.0.1:9464") == web_server.Listen(
-        host="127.0.0.1", port=9464)
-    assert web_server.parse_listen("[::1]:80") == web_server.Listen(host="::1", port=80)
-    for bad in ("9464", "host:", ":80", "h:99999", "h:x"):
-        with pytest.raises(errors.ConfigError, match=r"http\.listen"):
-            web_server.parse_listen(bad)
-    assert web_server.is_loopback("127.0.0.2") and web_server.is_loopback("::1")
-    assert not web_server.is_loopback("0.0.0.0") and not web_server.is_loopback("example.com")
-
-
 async def test_address_in_use_is_a_config_error(seeded: Seeded) -> None:
     async with serving(seeded) as (server, _):
         taken = seeded.settings(listen=f"127.0.0.1:{server.port}")

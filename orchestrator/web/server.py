@@ -13,13 +13,10 @@ import asyncio
 import dataclasses
 import datetime as dt
 import hmac
-import ipaddress
 import json
 import re
 import time
-import typing
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import prometheus_client as prom
 from aiohttp import web
@@ -60,25 +57,6 @@ _JOB_ID = re.compile(r"^[0-9a-f]{4,32}$")
 class Listen:
     host: str
     port: int
-
-
-def parse_listen(text: str) -> Listen:
-    """'127.0.0.1:9464', '[::1]:9464', 'localhost:0' -> Listen; ConfigError otherwise."""
-    host, sep, port_text = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise errors.ConfigError("http.listen", f"expected HOST:PORT, got {text!r}")
-    return Listen(host=host, port=int(port_text))
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _json_line(status: int, ok: bool, reason: str) -> web.Response:
@@ -269,8 +247,8 @@ async def start(
 ) -> Server:
     """Listen on `settings.http.listen` on the running loop. OSError (address in use, …) is
     raised as ConfigError naming the key, so the daemon exits 78 with one line."""
-    http: Any = typing.cast(Any, settings).http  # `[http]` settings (config.HttpConfig)
-    listen = parse_listen(http.listen)
+    http = settings.http
+    listen = Listen(host=http.host, port=http.port)
     token = http.token.get() if http.token is not None else None
     metrics.register_process_metrics()
     app = _App(settings, repo, live=live, ready=ready, token=token,
