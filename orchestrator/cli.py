@@ -222,7 +222,7 @@ async def run_daemon(
             outcome = await d.run()
     finally:
         await repo.close()
-    if once and outcome.exit_code in (0, 1):
+    if once and outcome.failure is None:
         console.print(daemon_mod.exit_message(outcome), highlight=False, soft_wrap=True)
     return outcome.exit_code
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import importlib
-import inspect
 import os
 import signal
 import socket
@@ -34,9 +32,11 @@ from orchestrator import (
     lifecycle,
     logs,
     pipeline,
+    spool,
     steps,
     supervise,
     systemd,
+    web,
     worker,
 )
 from orchestrator.db import repository
@@ -59,6 +59,8 @@ class Outcome:
     exit_code: int
     stats: worker.Stats
     counts: Mapping[lifecycle.JobState, int]
+    #: Why the daemon stopped on its own (a task died, the database went away), or None.
+    failure: str | None = None
 
 
 class Daemon:
@@ -105,7 +107,7 @@ class Daemon:
         ok, why = self.supervisor.alive()
         if not ok:
             return False, why
-        late_s = clock.monotonic() - self._probe_at
+        late_s = clock.monotonic() - self._probe_at - LOOP_PROBE_S
         if late_s > LOOP_STALL_S:
             return False, f"event loop stalled for {late_s:.1f} s"
         return True, "ok"
@@ -156,7 +158,9 @@ class Daemon:
         try:
             return await self._run_registered()
         finally:
-            await self.worker.close()  # once: frees the leases and the worker id
+            # Once: frees the leases and the worker id; not on a database that is gone
+            # (SQLite would create an empty file in its place).
+            await self.worker.close(release=not self.supervisor.fatal)
 
     async def _run_registered(self) -> Outcome:
         d = self.settings.daemon
@@ -182,18 +186,19 @@ class Daemon:
                     self._running = False
                     systemd.notify("STOPPING=1")
                     await self.supervisor.stop()
-                    await self.worker.close()
+                    await self.worker.close(release=not self.supervisor.fatal)
                     await self._close_context(ctx)
         finally:
             for sig in handled:
                 loop.remove_signal_handler(sig)
             if server is not None:
                 await server.stop()
-        counts = await self.repo.count_by_state()
+        counts = {} if self.supervisor.fatal else await self.repo.count_by_state()
         if exit_code == 0 and self.once and (self.worker.stats.failed
                                              or self.worker.stats.cancelled):
             exit_code = 1
-        return Outcome(exit_code=exit_code, stats=self.worker.stats, counts=counts)
+        return Outcome(exit_code=exit_code, stats=self.worker.stats, counts=counts,
+                       failure=self.supervisor.failure)
 
     async def _supervised(self, ctx: steps.Context) -> int:
         sup = self.supervisor
@@ -222,39 +227,21 @@ class Daemon:
             await asyncio.gather(*waiters, return_exceptions=True)
 
     async def _register(self) -> None:
+        """Raises repository.WorkerIdInUse (a ConfigError: one line, exit 78) while another
+        live daemon runs under this worker id."""
         d = self.settings.daemon
-        kwargs: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(),
-                                  "now": clock.now()}
-        if "lease_s" in inspect.signature(self.repo.register_worker).parameters:
-            kwargs["lease_s"] = d.lease_s
-        in_use: Any = getattr(repository, "WorkerIdInUse", None)
-        try:
-            await self.repo.register_worker(d.worker_id, **kwargs)
-        except Exception as exc:
-            if in_use is not None and isinstance(exc, in_use):
-                raise errors.ConfigError(
-                    "daemon.worker_id", f"{exc}; give each daemon its own worker_id"
-                ) from None
-            raise
+        await self.repo.register_worker(d.worker_id, host=socket.gethostname(), pid=os.getpid(),
+                                        now=clock.now(), lease_s=d.lease_s)
 
     async def _recover_spool(self) -> None:
-        try:
-            spool: Any = importlib.import_module("orchestrator.spool")
-        except ImportError:  # pragma: no cover - the spool module is part of the package
-            return
-        recover = getattr(spool, "recover", None)
-        if recover is None:
-            return
-        n = await recover(self.settings, self.repo)
+        n = await spool.recover(self.settings, self.repo)
         if n:
             log.warning("spool_recovered", inputs=n)
 
-    async def _start_http(self) -> Any:
-        http = getattr(self.settings, "http", None)
-        listen = getattr(http, "listen", "") if http is not None else ""
-        if not listen:
+    async def _start_http(self) -> web.Server | None:
+        """After the schema check (the caller's), before READY; `http.listen = ""` is off."""
+        if not self.settings.http.enabled:
             return None
-        web: Any = importlib.import_module("orchestrator.web")
         return await web.start(self.settings, self.repo, live=self.live, ready=self.ready)
 
     async def _notify_ready(self) -> None:

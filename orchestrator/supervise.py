@@ -39,11 +39,14 @@ class Supervisor:
         return task
 
     def _ended(self, task: asyncio.Task[None]) -> None:
-        if self._stopping or task.cancelled():
+        if self._stopping:
             return
         name = self._tasks.get(task, task.get_name())
-        exc = task.exception()
-        if isinstance(exc, Fatal):
+        exc = None if task.cancelled() else task.exception()
+        if task.cancelled():  # not by `stop()`: something cancelled what must run
+            reason = f"task {name} was cancelled"
+            log.error("task_died", task=name, error="cancelled")
+        elif isinstance(exc, Fatal):
             reason = str(exc)
             log.error("daemon_fatal", task=name, error=reason)
         elif exc is not None:

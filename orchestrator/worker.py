@@ -153,17 +153,24 @@ class Worker:
             **{f"executor-{i}": self._executor(ctx) for i in range(n)},
         }
 
-    async def close(self) -> None:
+    async def close(self, *, release: bool = True) -> None:
         """After the tasks are cancelled: commit what is queued, free this worker's leases.
-        Safe to call again (it does nothing then)."""
+        Safe to call again (it does nothing then). `release=False`: no database access."""
         if self._closed:
             return
         self._closed = True
         log.info("worker_stopping", held=len(self._held), running=len(self._running))
-        try:
-            await self._writer.close()
-        except Exception as exc:  # what it had not written is redone after the restart
-            log.error("writer_close_failed", error=f"{type(exc).__name__}: {exc}")
+        if not release:
+            return
+        writer_task: asyncio.Task[None] | None = getattr(self._writer, "_task", None)
+        if writer_task is not None and writer_task.done():
+            log.error("writer_gone", error="queued changes not written; the next start "
+                                           "redoes their steps")
+        else:
+            try:
+                await self._writer.close()
+            except Exception as exc:  # what it had not written is redone after the restart
+                log.error("writer_close_failed", error=f"{type(exc).__name__}: {exc}")
         try:
             await self.repo.release(self.worker_id, now=clock.now())
         except Exception as exc:  # they expire on their own after lease_s
