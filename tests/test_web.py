@@ -326,3 +326,22 @@ async def test_address_in_use_is_a_config_error(seeded: Seeded) -> None:
         taken = seeded.settings(listen=f"127.0.0.1:{server.port}")
         with pytest.raises(errors.ConfigError, match=r"http\.listen: cannot listen"):
             await web_server.start(taken, seeded.repo, live=lambda: (True, ""), ready=_ready_ok)
+
+
+async def test_probe_reads_health_as_status_shows_it(seeded: Seeded) -> None:
+    from orchestrator.web import probe
+
+    loop = asyncio.get_running_loop()
+    async with serving(seeded, token=TOKEN) as (server, _):
+        http = probe.http_settings(seeded.root / "config.toml")
+        assert http.port == server.port and http.token is not None
+        got = await loop.run_in_executor(None, probe.health, http)
+        assert got.live == probe.Probe(status=200, reason="loop answers, tasks alive")
+        assert got.ready is not None and got.ready.ok
+        assert TOKEN not in str(got.as_dict())
+        seeded.monkeypatch.setenv(TOKEN_ENV, "a-wrong-token-000000000000")
+        wrong = probe.http_settings(seeded.root / "config.toml")
+        got = await loop.run_in_executor(None, probe.health, wrong)
+        assert got.live is not None and got.live.status == 401
+    got = await loop.run_in_executor(None, probe.health, http)  # the daemon is gone
+    assert got.live is not None and got.live.status == 0 and "no answer" in got.live.reason
