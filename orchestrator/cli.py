@@ -10,13 +10,13 @@ import asyncio
 import contextlib
 import json
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn, TypeVar
 
 import click
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
 from orchestrator import clock, config, errors, fsutil, jobs, lifecycle, logs
 from orchestrator.db import repository
@@ -24,7 +24,10 @@ from orchestrator.db import repository
 EX_CONFIG = 78
 T = TypeVar("T")
 
-console = Console()
+#: Rich assumes 80 columns when not on a terminal and cuts values to fit: piped output (a file,
+#: grep, a script) gets every value in full instead.
+PIPE_WIDTH = 100_000
+console = Console(width=None if sys.stdout.isatty() else PIPE_WIDTH)
 err_console = Console(stderr=True)
 
 
@@ -59,28 +62,97 @@ def load_settings(path: Path, *, secrets: bool = True) -> config.Settings:
     return settings
 
 
+#: SQLite keeps these beside the database file, so its folder must be writable too.
+_SQLITE_SIDE_FILES = "-wal and -shm"
+
+
+def _sqlite_file(settings: config.Settings) -> Path | None:
+    """The database file of a SQLite URL (None for PostgreSQL or in-memory)."""
+    from orchestrator.db import engine as db_engine
+
+    try:
+        url = db_engine.parse_url(settings.database.url)
+    except Exception:  # config validated it; the engine will say what is wrong
+        return None
+    if url.get_backend_name() != "sqlite":
+        return None
+    return db_engine.sqlite_path(url)
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why this user cannot write the SQLite database at `path` (None if it can)."""
+    import os
+
+    folder = path.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return (f"cannot write {folder}: this user needs write access to the database's "
+                f"folder (SQLite keeps {_SQLITE_SIDE_FILES} files beside it)")
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        return f"cannot write {path}: give this user read and write access"
+    return None
+
+
 def ensure_sqlite_folder(settings: config.Settings) -> None:
-    """`migrate` creates the folder a SQLite database lives in (the file itself is 0600)."""
-    url = settings.database.url
-    if url.startswith("sqlite+aiosqlite:///"):
-        path = Path(url.removeprefix("sqlite+aiosqlite:///"))
-        if str(path) != ":memory:":
-            try:
-                fsutil.ensure_dir(path.parent)
-            except OSError as exc:
-                fail(str(errors.ConfigError("database.url", f"cannot create {path.parent}: "
-                                                f"{exc.strerror}")), EX_CONFIG)
+    """`migrate` creates the folder a SQLite database lives in (the file itself is 0600), and
+    refuses, one line and exit 78, a folder or file this user cannot write."""
+    path = _sqlite_file(settings)
+    if path is None:
+        return
+    try:
+        fsutil.ensure_dir(path.parent)
+    except OSError as exc:
+        fail(str(errors.ConfigError("database.url", f"cannot create {path.parent}: "
+                                        f"{exc.strerror}")), EX_CONFIG)
+    problem = _unwritable(path)
+    if problem:
+        fail(str(errors.ConfigError("database.url", problem)), EX_CONFIG)
 
 
-async def open_repo(settings: config.Settings, *, check: bool = True) -> repository.Repository:
+def _database_error(settings: config.Settings, exc: Exception) -> errors.ConfigError:
+    """A database that cannot be opened or read, as one line naming database.url."""
+    from orchestrator.db import engine as db_engine
+
+    orig = getattr(exc, "orig", None) or exc
+    text = " ".join(str(orig).split()) or type(orig).__name__
+    path = _sqlite_file(settings)
+    hint = ""
+    if path is not None and ("readonly" in text or "unable to open" in text):
+        hint = (f" (this user needs write access to {path} and to its folder, where SQLite "
+                f"keeps {_SQLITE_SIDE_FILES} files)")
+    where = path if path is not None else db_engine.safe_url(settings.database.url)
+    return errors.ConfigError("database.url", f"cannot use the database at {where}: "
+                                              f"{text}{hint}")
+
+
+async def open_repo(
+    settings: config.Settings, *, check: bool = True, existing: bool = False
+) -> repository.Repository:
+    """`existing` (status, jobs): a SQLite database that does not exist is reported, not
+    created. Otherwise a SQLite folder or file this user cannot write is refused up front."""
+    from sqlalchemy import exc as sa_exc
+
+    path = _sqlite_file(settings)
+    if path is not None:
+        if existing and not path.exists():
+            raise errors.ConfigError(
+                "database.url", f"no database at {path} (run `bes-orchestrator migrate` "
+                                "first, or check database.url)")
+        problem = None if existing else _unwritable(path)
+        if problem:
+            raise errors.ConfigError("database.url", problem)
     pw = settings.database.password.get() if settings.database.password else None
     try:
         repo = await repository.Repository.open(settings.database.url, password=pw)
     except OSError as exc:
         raise errors.ConfigError("database.url", f"cannot open the database: {exc}") from None
+    except sa_exc.SQLAlchemyError as exc:
+        raise _database_error(settings, exc) from None
     if check:
         try:
             await repo.check_schema()
+        except (OSError, sa_exc.SQLAlchemyError) as exc:
+            await repo.close()
+            raise _database_error(settings, exc) from None
         except BaseException:
             await repo.close()
             raise
@@ -88,13 +160,46 @@ async def open_repo(settings: config.Settings, *, check: bool = True) -> reposit
 
 
 async def with_repo(
-    settings: config.Settings, fn: Callable[[repository.Repository], Awaitable[T]]
+    settings: config.Settings, fn: Callable[[repository.Repository], Awaitable[T]],
+    *, existing: bool = False,
 ) -> T:
-    repo = await open_repo(settings)
+    repo = await open_repo(settings, existing=existing)
     try:
         return await fn(repo)
     finally:
         await repo.close()
+
+
+def load_db_settings(path: Path) -> config.Settings:
+    """For commands that only use the database (status, jobs): none of the daemon's
+    secrets (BES keys, storage) is read and the watch folders are not looked at; only the
+    database's own password, when it has one."""
+    try:
+        settings = config.load(path, secrets=False)
+        pw = settings.database.password
+        if pw is not None and not pw.is_read:
+            settings = _with_database_password(settings, path)
+    except errors.ConfigError as exc:
+        fail(str(exc), EX_CONFIG)
+    logs.register_secrets(config.secret_values(settings))
+    return settings
+
+
+def _with_database_password(settings: config.Settings, path: Path) -> config.Settings:
+    import tomllib
+
+    import pydantic
+
+    raw = tomllib.loads(path.read_text(encoding="utf-8")).get("database", {})
+    try:
+        db = config.DatabaseConfig.model_validate(
+            raw, context={"base": path.resolve().parent, "secrets": True})
+    except pydantic.ValidationError as exc:
+        from orchestrator.config import core
+
+        err = core.to_config_error(exc)
+        raise errors.ConfigError(f"database.{err.key}", err.problem) from None
+    return settings.model_copy(update={"database": db})
 
 
 config_option = click.option(
@@ -287,17 +392,24 @@ def config_check(config_path: Path, online: bool) -> None:
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--service", "-s", required=True, help="The configured service to run them on.")
 def submit(config_path: Path, files: tuple[Path, ...], service: str) -> None:
-    """Put FILES on the queue table; works whether or not the daemon is running."""
-    settings = load_settings(config_path)
+    """Put FILES on the queue table; works whether or not the daemon is running.
+
+    The daemon that takes a row moves the file into its spool (copying it first when it does
+    not own it), so each file leaves its folder; a file named twice is queued once."""
+    settings = load_db_settings(config_path)
     if service not in settings.services:
         fail(f"unknown service {service!r}; configured: {', '.join(settings.services)}", 2)
-    paths = []
+    paths: list[str] = []
     for f in files:
         if not f.is_file():
             fail(f"{f}: not a file", 2)
-        paths.append(str(f.resolve()))
+        resolved = str(f.resolve())  # the same file by any name (./a.csv, a link) is one
+        if resolved in paths:
+            click.echo(f"skipped {f}: {resolved} is already in this submission", err=True)
+            continue
+        paths.append(resolved)
     ids = run_async(with_repo(settings, lambda r: r.enqueue(paths, service=service,
-                                                            now=clock.now())))
+                                                            now=clock.now()), existing=True))
     for p, i in zip(paths, ids, strict=True):
         click.echo(f"queued {p} (queue id {i})")
 
@@ -320,6 +432,17 @@ def job_dict(job: jobs.Job) -> dict[str, Any]:
     }
 
 
+def print_table(columns: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+    """A table for people. Values are text, never rich markup (a file may be named
+    `[red].csv`); when piped, nothing is cut or wrapped (see PIPE_WIDTH)."""
+    from rich.table import Table
+
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*(escape(v) for v in row))
+    console.print(table)
+
+
 def state_choice() -> click.Choice[str]:
     return click.Choice([s.value for s in lifecycle.JobState])
 
@@ -338,18 +461,17 @@ def jobs_group() -> None:
 def jobs_list(config_path: Path, as_json: bool, state: str | None, service: str | None,
               limit: int) -> None:
     """The newest jobs."""
-    settings = load_settings(config_path)
+    settings = load_db_settings(config_path)
     st = lifecycle.JobState(state) if state else None
     rows = run_async(with_repo(settings, lambda r: r.list_jobs(state=st, service=service,
-                                                               limit=limit)))
+                                                               limit=limit), existing=True))
     if as_json:
         click.echo(json.dumps([job_dict(j) for j in rows], indent=2))
         return
-    table = Table("job", "input", "service", "state", "BES status", "created", "error")
-    for j in rows:
-        table.add_row(j.short_id, j.input_name, j.service, j.state.value, j.bes_status or "",
-                      clock.iso(j.created_at) or "", (j.error or "")[:60])
-    console.print(table)
+    cut = 60 if console.is_terminal else None  # piped: every value in full
+    print_table(["job", "input", "service", "state", "BES status", "created", "error"],
+                [[j.short_id, j.input_name, j.service, j.state.value, j.bes_status or "",
+                  clock.iso(j.created_at) or "", (j.error or "")[:cut]] for j in rows])
 
 
 @jobs_group.command(name="show")
@@ -358,25 +480,24 @@ def jobs_list(config_path: Path, as_json: bool, state: str | None, service: str 
 @click.argument("job_id")
 def jobs_show(config_path: Path, as_json: bool, job_id: str) -> None:
     """One job and its events."""
-    settings = load_settings(config_path)
+    settings = load_db_settings(config_path)
 
     async def go(r: repository.Repository) -> tuple[jobs.Job, list[jobs.JobEvent]]:
         job = await r.get_job(job_id)
         return job, await r.events(job.id)
 
-    job, events = run_async(with_repo(settings, go))
+    job, events = run_async(with_repo(settings, go, existing=True))
     evs = [{"at": clock.iso(e.at), "from": e.from_state.value if e.from_state else None,
             "to": e.to_state.value, "worker": e.worker, "message": e.message} for e in events]
     if as_json:
         click.echo(json.dumps({**job_dict(job), "events": evs}, indent=2))
         return
     for k, v in job_dict(job).items():
-        console.print(f"[bold]{k:>13}[/bold]  {v if v not in (None, {}) else '-'}",
-                      highlight=False)
-    table = Table("at", "from", "to", "worker", "message")
-    for e in evs:
-        table.add_row(e["at"] or "", e["from"] or "", e["to"], e["worker"] or "", e["message"])
-    console.print(table)
+        console.print(f"[bold]{k:>13}[/bold]  {escape(str(v if v not in (None, {}) else '-'))}",
+                      highlight=False, soft_wrap=not console.is_terminal)
+    print_table(["at", "from", "to", "worker", "message"],
+                [[e["at"] or "", e["from"] or "", e["to"], e["worker"] or "", e["message"]]
+                 for e in evs])
 
 
 @jobs_group.command(name="retry")
@@ -384,8 +505,9 @@ def jobs_show(config_path: Path, as_json: bool, job_id: str) -> None:
 @click.argument("job_id")
 def jobs_retry(config_path: Path, job_id: str) -> None:
     """Run a failed or cancelled job again (its input comes back from the failed folder)."""
-    settings = load_settings(config_path)
-    job = run_async(with_repo(settings, lambda r: r.retry(job_id, now=clock.now())))
+    settings = load_db_settings(config_path)
+    job = run_async(with_repo(settings, lambda r: r.retry(job_id, now=clock.now()),
+                              existing=True))
     click.echo(f"job {job.short_id} queued again (run {job.runs})")
 
 
@@ -394,8 +516,9 @@ def jobs_retry(config_path: Path, job_id: str) -> None:
 @click.argument("job_id")
 def jobs_cancel(config_path: Path, job_id: str) -> None:
     """Cancel a job: its BES job is deleted and its input goes to the failed folder."""
-    settings = load_settings(config_path)
-    job = run_async(with_repo(settings, lambda r: r.request_cancel(job_id, now=clock.now())))
+    settings = load_db_settings(config_path)
+    job = run_async(with_repo(settings, lambda r: r.request_cancel(job_id, now=clock.now()),
+                              existing=True))
     click.echo(f"job {job.short_id} is being cancelled")
 
 
@@ -404,12 +527,12 @@ def jobs_cancel(config_path: Path, job_id: str) -> None:
 @json_option
 def status(config_path: Path, as_json: bool) -> None:
     """Counts by state and the oldest job still in flight."""
-    settings = load_settings(config_path)
+    settings = load_db_settings(config_path)
 
     async def go(r: repository.Repository) -> tuple[dict[lifecycle.JobState, int], jobs.Job | None]:
         return await r.count_by_state(), await r.oldest_active()
 
-    counts, oldest = run_async(with_repo(settings, go))
+    counts, oldest = run_async(with_repo(settings, go, existing=True))
     data = {
         "counts": {s.value: counts.get(s, 0) for s in lifecycle.JobState},
         "in_flight": sum(counts.get(s, 0) for s in lifecycle.ACTIVE_STATES),
@@ -418,15 +541,13 @@ def status(config_path: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    table = Table("state", "jobs")
-    for s in lifecycle.JobState:
-        if counts.get(s):
-            table.add_row(s.value, str(counts[s]))
-    console.print(table)
+    print_table(["state", "jobs"],
+                [[s.value, str(counts[s])] for s in lifecycle.JobState if counts.get(s)])
     if oldest:
         age = (clock.now() - oldest.created_at).total_seconds()
         console.print(f"oldest in flight: {oldest.short_id} {oldest.input_name} "
-                      f"({oldest.state.value}, {age:.0f} s old)", highlight=False)
+                      f"({oldest.state.value}, {age:.0f} s old)", highlight=False,
+                      markup=False, soft_wrap=not console.is_terminal)
     else:
         console.print("nothing in flight")
 

@@ -63,27 +63,32 @@ class Users:
     drop_gid: int
 
 
-@pytest.fixture(scope="module")
-def users() -> Users:
+def ensure_users() -> Users:
+    """The daemon's user and a dropper, both in the droppers' group (created when missing)."""
     _ensure_group(DROP_GROUP)
     return Users(daemon=_ensure_user(DAEMON_USER, DROP_GROUP),
                  dropper=_ensure_user(DROPPER_USER, DROP_GROUP),
                  drop_gid=grp.getgrnam(DROP_GROUP).gr_gid)
 
 
-def _as(user: pwd.struct_passwd) -> list[str]:
+@pytest.fixture(scope="module")
+def users() -> Users:
+    return ensure_users()
+
+
+def as_user(user: pwd.struct_passwd) -> list[str]:
     return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups",
             "--inh-caps=-all"]
 
 
-def _python_for(user: pwd.struct_passwd) -> tuple[str, str]:
+def python_for(user: pwd.struct_passwd) -> tuple[str, str]:
     """A Python the user may execute, and the PYTHONPATH that gives it this program and its
     dependencies (the test venv's interpreter may live under a folder only root can enter)."""
     site = sysconfig.get_paths()["purelib"]
     path = os.pathsep.join([str(harness.ROOT), site])
     candidates = [sys.executable, f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}"]
     for exe in candidates:
-        probe = subprocess.run([*_as(user), exe, "-c", "import orchestrator.cli"],
+        probe = subprocess.run([*as_user(user), exe, "-c", "import orchestrator.cli"],
                                env={**os.environ, "PYTHONPATH": path}, capture_output=True,
                                check=False)
         if probe.returncode == 0:
@@ -111,7 +116,7 @@ class Layout:
 
     def as_daemon(self, *args: str, timeout: float = 110) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [*_as(self.daemon), self.python, "-m", "orchestrator", *args,
+            [*as_user(self.daemon), self.python, "-m", "orchestrator", *args,
              "-c", str(self.setup.config)],
             env=self.env, capture_output=True, text=True, timeout=timeout,
             cwd=self.setup.root, check=False)
@@ -135,7 +140,7 @@ def _layout(root: Path, users: Users, emulator_url: str, storage: str, *,
     # the daemon from removing droppers' files, it must not own the folder either.
     os.chown(s.inbox, 0 if sticky else d.pw_uid, users.drop_gid)
     s.inbox.chmod(0o2770 | (0o1000 if sticky else 0))
-    python, path = _python_for(d)
+    python, path = python_for(d)
     env = {**s.env, "PYTHONPATH": path, "HOME": str(root)}
     return Layout(setup=s, python=python, env=env, daemon=d)
 
@@ -143,7 +148,7 @@ def _layout(root: Path, users: Users, emulator_url: str, storage: str, *,
 def _drop_as(user: pwd.struct_passwd, inbox: Path, name: str, text: str) -> Path:
     """The other user writes beside the final name, then renames it in (as writers are told)."""
     script = 'umask 027; printf "%s" "$2" > "$1/.$3.tmp" && mv "$1/.$3.tmp" "$1/$3"'
-    subprocess.run([*_as(user), "sh", "-c", script, "sh", str(inbox), text, name], check=True)
+    subprocess.run([*as_user(user), "sh", "-c", script, "sh", str(inbox), text, name], check=True)
     final = inbox / name
     assert final.stat().st_uid == user.pw_uid
     return final
@@ -176,7 +181,8 @@ def test_a_file_dropped_by_another_user_is_processed(
 def test_a_claim_that_cannot_remove_the_original_leaves_it_where_the_history_says(
     root: Path, users: Users, azurite: azurite_mod.Azurite
 ) -> None:
-    """A sticky inbox that the daemon does not own: it can read the file but not remove it. The job fails saying why, and the file is where its history says: in the inbox."""
+    """A sticky inbox that the daemon does not own: it can read the file but not remove it.
+    The job fails saying why, and the file is where its history says: in the inbox."""
     with harness.emulator("--run-time-s", "0.1") as emu:
         lay = _layout(root, users, emu.url, azurite.connection_string, sticky=True)
         s = lay.setup
