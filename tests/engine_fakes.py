@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from orchestrator import clock, config, daemon, errors, jobs, lifecycle, steps, worker
+from orchestrator import clock, config, daemon, errors, jobs, lifecycle, steps
 from orchestrator.db import migrate, repository
 
 S = lifecycle.JobState
@@ -222,5 +222,3 @@ async def running_daemon(
 def transient(message: str = "503 from the fake") -> errors.TransientError:
     return errors.TransientError(message, status=503)
 
-
-__all__ = ["worker"]

@@ -8,7 +8,7 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from orchestrator import clock, errors, lifecycle, metrics
+from orchestrator import clock, errors, lifecycle, metrics, steps
 from tests import engine_fakes as ef
 
 Step = lifecycle.Step
@@ -225,5 +225,48 @@ async def test_self_check_recovers_a_job_nobody_would_run(
             assert await d.worker.self_check() == 1
             await ef.wait_until(lambda: d.worker.stats.done == 3, 30, "third done")
             assert await d.worker.self_check() == 0
+    finally:
+        await repo.close()
+
+
+async def test_a_change_the_writer_rejects_fails_the_job_with_the_reason(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A step's result that can never be written (an unknown field, an illegal state change)
+    fails its job InternalError with the reason; the other jobs go on."""
+    settings, repo = await _setup(tmp_path, monkeypatch)
+    backend = ef.FakeBackend(polls=0)
+    bad: dict[str, str] = {}
+
+    def hook(job: Any, step: lifecycle.Step) -> None:
+        if step is Step.UPLOAD and not bad:
+            bad["field"] = job.id
+        elif step is Step.UPLOAD and len(bad) == 1 and job.id != bad["field"]:
+            bad["edge"] = job.id
+
+    backend.hook = hook
+    answer = backend._answer
+
+    def poisoned(step: lifecycle.Step, job: Any) -> Any:
+        if step is Step.UPLOAD and job.id == bad.get("field"):
+            return steps.Advance(to=lifecycle.JobState.UPLOADED, message="uploaded",
+                                    fields={"no_such_column": 1})  # type: ignore[typeddict-unknown-key]
+        if step is Step.UPLOAD and job.id == bad.get("edge"):
+            return steps.Advance(to=lifecycle.JobState.DONE, message="skipped ahead")
+        return answer(step, job)
+
+    monkeypatch.setattr(backend, "_answer", poisoned)
+    try:
+        await ef.enqueue(repo, 4)
+        async with ef.running_daemon(settings, repo, backend) as (d, _task):
+            await ef.wait_until(lambda: d.worker.stats.done + d.worker.stats.failed == 4, 30,
+                                "all ended")
+        rows = dict((r[0], (r[1], r[2], r[3])) for r in ef.sql(
+            settings, "select id, state, error_code, error from jobs"))
+        assert rows[bad["field"]][:2] == ("failed", "InternalError")
+        assert "no_such_column" in rows[bad["field"]][2]
+        assert rows[bad["edge"]][:2] == ("failed", "InternalError")
+        assert "done" in rows[bad["edge"]][2]
+        assert sorted(v[0] for v in rows.values()) == ["done", "done", "failed", "failed"]
     finally:
         await repo.close()
