@@ -633,6 +633,12 @@ async def test_an_illegal_edge_is_rejected_and_never_written(
     assert await repo.get_job(a.id) == a
     assert len(await repo.events(a.id)) == 1
     assert (await repo.get_job(b.id)).state is S.ACCEPTED
+    # A person's change (no lease check) is never accepted from a worker.
+    as_person = jobs.Transition(job_id=a.id, expected=S.CLAIMED, to=S.CANCELLING,
+                                message="sneaky", actor=lifecycle.Actor.PERSON)
+    [refused] = await repo.apply([as_person], worker_id="w2", now=T0)
+    assert isinstance(refused, repository.Rejected) and "worker w2" in refused.reason
+    assert await repo.get_job(a.id) == a
 
 
 # -- workers: one id, one daemon; lease time -------------------------------------------------------

@@ -138,6 +138,9 @@ class _Plan:
             person = isinstance(item, jobs.Transition) and item.actor is lifecycle.Actor.PERSON
             actor = None if person else worker_id
             checked = _check(item, actor, now)
+            if person and worker_id is not None:
+                checked = Rejected(reason=f"job {item.job_id[:8]}: a person's change sent by "
+                                          f"worker {worker_id}")
             if isinstance(checked, Rejected):
                 plan.outcomes.append(checked)
                 continue
