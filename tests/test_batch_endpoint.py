@@ -155,7 +155,7 @@ def test_faults_together_fail_only_injected_jobs_and_invoke_nothing_twice(
     """429 on ARM (a small read bucket), 503s, dropped connections (half after the invoke took
     effect) and NotResponding detours at once."""
     with emulator(azurite, "--run-time-s", "0.2,0.6", "--arm-reads", "10/5",
-                  "--error-503-rate", "0.1", "--retry-after-s", "0.5", "--drop-rate", "0.1",
+                  "--error-503-rate", "0.1", "--retry-after-s", "1", "--drop-rate", "0.1",
                   "--not-responding-rate", "0.3", "--not-responding-s", "0.5",
                   "--failure-rate", "0.05") as emu:
         s = setup(tmp_path, emu, azurite, service={"arm_reads_per_s": 8.0})
