@@ -54,6 +54,12 @@ class Repository:
         """Raise errors.DatabaseVersionError unless the database is at this program's head."""
         await migrate.check(self._engine)
 
+    @property
+    def read_engine(self) -> sa_asyncio.AsyncEngine:
+        """For read-only queries outside this package (the status page's aggregates): its
+        transactions never take SQLite's write lock."""
+        return self._read_engine
+
     def is_transient(self, exc: BaseException) -> bool:
         """Would the same write succeed later (connection lost, database locked, disk full)?"""
         return self.dialect.is_transient(exc)
