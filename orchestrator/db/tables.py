@@ -1,5 +1,6 @@
 """Table definitions (SQLAlchemy Core). The schema itself changes only through migrations:
-`migrations/versions/` must create exactly what this module declares (a test compares them).
+`orchestrator/db/migrations/versions/` must create exactly what this module declares (a test
+compares them).
 """
 
 from __future__ import annotations
@@ -144,5 +145,6 @@ workers = sa.Table(
     sa.Column("stopped_at", UTCDateTime(), nullable=True),
 )
 
-#: The documented read interface (SPEC §5); created by the migrations, one body per dialect.
+#: The documented read interface (the README's "The job history"); created by the migrations,
+#: one body per dialect.
 JOB_HISTORY_VIEW = "job_history"
