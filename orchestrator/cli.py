@@ -526,8 +526,14 @@ def jobs_cancel(config_path: Path, job_id: str) -> None:
 @config_option
 @json_option
 def status(config_path: Path, as_json: bool) -> None:
-    """Counts by state and the oldest job still in flight."""
+    """Counts by state, the oldest job still in flight, and the daemon's health."""
+    from orchestrator.web import probe
+
     settings = load_db_settings(config_path)
+    try:
+        health = probe.health(probe.http_settings(config_path))
+    except errors.ConfigError as exc:
+        fail(str(exc), EX_CONFIG)
 
     async def go(r: repository.Repository) -> tuple[dict[lifecycle.JobState, int], jobs.Job | None]:
         return await r.count_by_state(), await r.oldest_active()
@@ -537,6 +543,7 @@ def status(config_path: Path, as_json: bool) -> None:
         "counts": {s.value: counts.get(s, 0) for s in lifecycle.JobState},
         "in_flight": sum(counts.get(s, 0) for s in lifecycle.ACTIVE_STATES),
         "oldest_in_flight": job_dict(oldest) if oldest else None,
+        "health": health.as_dict(),
     }
     if as_json:
         click.echo(json.dumps(data, indent=2))
@@ -550,6 +557,12 @@ def status(config_path: Path, as_json: bool) -> None:
                       markup=False, soft_wrap=not console.is_terminal)
     else:
         console.print("nothing in flight")
+    if health.url is None:
+        console.print('daemon health: not served ([http] listen = "")')
+    for name, answer in (("live", health.live), ("ready", health.ready)):
+        if answer is not None:
+            console.print(f"{name}: {'yes' if answer.ok else 'NO'} ({answer.reason})",
+                          highlight=False, markup=False)
 
 
 

@@ -9,6 +9,8 @@ import contextlib
 import dataclasses
 import datetime as dt
 import html
+import json
+import os
 import socket
 import time
 import uuid
@@ -206,7 +208,7 @@ async def test_static_assets_and_chart_json(seeded: Seeded) -> None:
         assert "location.reload" in js
         status, text, _ = await get(s, "/api/files-per-minute")
     assert status == 200
-    points = __import__("json").loads(text)
+    points = json.loads(text)
     assert len(points) == 60
     assert sum(p["done"] for p in points) == 4 and sum(p["failed"] for p in points) == 1
 
@@ -345,3 +347,24 @@ async def test_probe_reads_health_as_status_shows_it(seeded: Seeded) -> None:
         assert got.live is not None and got.live.status == 401
     got = await loop.run_in_executor(None, probe.health, http)  # the daemon is gone
     assert got.live is not None and got.live.status == 0 and "no answer" in got.live.reason
+
+
+async def test_status_command_shows_the_daemon_health(seeded: Seeded) -> None:
+    async def status(*args: str) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            *harness.cli_cmd(), "status", *args, "-c", str(seeded.root / "config.toml"),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(harness.ROOT)})
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        return out.decode()
+
+    async with serving(seeded, token=TOKEN):
+        out = await status()
+        assert "live: yes (loop answers, tasks alive)" in out
+        assert "ready: yes (migrations current, database reachable, intake up)" in out
+        data = json.loads(await status("--json"))
+        assert data["health"]["live"]["ok"] is True and data["health"]["ready"]["status"] == 200
+        assert TOKEN not in out
+    out = await status()
+    assert "live: NO (no answer from http://127.0.0.1:" in out
