@@ -16,7 +16,6 @@ The parts: `scheduler.Scheduler` (when each job runs), `slots.Slots` (per-servic
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import datetime as dt
 import functools
@@ -29,6 +28,7 @@ from orchestrator import (
     clock,
     config,
     errors,
+    held,
     intake_buffer,
     jobs,
     lifecycle,
@@ -104,38 +104,27 @@ class Worker:
         self.once = once
         self.worker_id = settings.daemon.worker_id
         self.stats = Stats()
-        self._on_change = on_change
         self._step_for = step_for
         self._check = check
-        self._held: dict[str, jobs.Job] = {}
-        #: job id -> executors running it now (a count: a job rescheduled at once may be
-        #: taken by a second executor while the first is still leaving).
-        self._running: collections.Counter[str] = collections.Counter()
         self.scheduler = scheduler.Scheduler()
         self.slots = slots.Slots(_limits(settings))
-        self._transient: collections.Counter[str] = collections.Counter()
-        self._internal: collections.Counter[str] = collections.Counter()
-        self.rng = random.Random()
         self._claim_wake = asyncio.Event()
+        self.held = held.Held(self.scheduler, self.slots, on_change=on_change,
+                              on_forget=self._claim_wake.set)
+        self.rng = random.Random()
         self._writer = writer.BatchWriter(repo, self.worker_id)
         self._renewed_at = clock.monotonic()
         self._ctx: steps.Context | None = None
         self._closed = False
-        #: While the self-check reads the database: the jobs forgotten meanwhile.
-        self._forgotten: set[str] | None = None
         self.intake = intake_buffer.FileIntake(
             settings, repo, self.worker_id, adopt=self._adopt, once=once)
-        metrics.jobs_held.set_function(lambda: len(self._held))
-        metrics.executors_busy.set_function(lambda: len(self._running))
+        metrics.jobs_held.set_function(lambda: len(self.held))
+        metrics.executors_busy.set_function(self.held.running)
 
     # -- what the daemon sees ----------------------------------------------------------------
-    @property
-    def held(self) -> int:
-        return len(self._held)
-
     def idle(self) -> bool:
         """Nothing held, buffered or due (for `--once`'s drain check)."""
-        return not self._held and not self.intake.pending() and self.scheduler.idle()
+        return not self.held and not self.intake.pending() and self.scheduler.idle()
 
     def tasks(self, ctx: steps.Context) -> dict[str, Coroutine[Any, Any, None]]:
         """The coroutines the daemon runs and supervises: each runs until cancelled."""
@@ -149,7 +138,7 @@ class Worker:
             "heartbeat": self._heartbeat(),
             "intake": self.intake.run(),
             "self-check": self._self_check_loop(),
-            "lag-report": self.scheduler.report_lag(lambda: len(self._held)),
+            "lag-report": self.scheduler.report_lag(lambda: len(self.held)),
             **{f"executor-{i}": self._executor(ctx) for i in range(n)},
         }
 
@@ -159,7 +148,7 @@ class Worker:
         if self._closed:
             return
         self._closed = True
-        log.info("worker_stopping", held=len(self._held), running=len(self._running))
+        log.info("worker_stopping", held=len(self.held), running=self.held.running())
         if not release:
             return
         writer_task: asyncio.Task[None] | None = getattr(self._writer, "_task", None)
@@ -187,84 +176,33 @@ class Worker:
         self._claim_wake.set()
 
     # -- held jobs ---------------------------------------------------------------------------
-    def _set(self, job: jobs.Job) -> None:
-        old = self._held.get(job.id)
-        was_remote = old is not None and old.state in lifecycle.REMOTE_STATES
-        is_remote = job.state in lifecycle.REMOTE_STATES
-        if job.state in lifecycle.TERMINAL_STATES:
-            self._forget(job.id)
-        else:
-            self._held[job.id] = job
-        if is_remote and not was_remote:
-            self.slots.occupy(job.service)
-        elif was_remote and not is_remote:
-            assert old is not None
-            self._release(old.service)
-        if self._on_change is not None:
-            self._on_change(job)
-
-    def _forget(self, job_id: str) -> None:
-        if self._forgotten is not None:
-            self._forgotten.add(job_id)
-        self._held.pop(job_id, None)
-        self.scheduler.cancel(job_id)
-        self.slots.forget(job_id)
-        self._transient.pop(job_id, None)
-        self._internal.pop(job_id, None)
-        self._claim_wake.set()
-
-    def _drop(self, job_id: str) -> None:
-        """The lease is gone: forget the job, never guess at it."""
-        old = self._held.get(job_id)
-        self._forget(job_id)
-        self.stats.leases_lost += 1
-        metrics.leases_lost.inc()
-        if old is not None and old.state in lifecycle.REMOTE_STATES:
-            self._release(old.service)
-
-    def _release(self, service: str) -> None:
-        woken = self.slots.release(service)
-        if woken is not None:
-            self.scheduler.schedule(woken)
-
-    def _tracked(self, job_id: str) -> bool:
-        """Some part of this worker will move the job on: due, running, or parked."""
-        return (self.scheduler.is_scheduled(job_id) or job_id in self._running
-                or self.slots.is_parked(job_id))
-
     def _adopt(self, job: jobs.Job, *, new: bool = True) -> None:
-        """A job this worker just claimed (or created). A job it already holds is left as it
-        is: its lease had lapsed in the database (a late heartbeat, a clock step) and the
-        claim renewed it, but a step may be running it now; a second copy would run the same
-        step twice and the slower one's lost guard would strand the job."""
-        if job.id in self._held:
-            if self._tracked(job.id):
-                log.debug("job_reclaimed_while_held", job_id=job.short_id)
-                return
+        """A job just claimed or created; one already held and tracked is left as it is."""
+        how = self.held.adopt(job)
+        if how == "held":
+            log.debug("job_reclaimed_while_held", job_id=job.short_id)
+        elif how == "orphan":
             log.warning("job_orphan_recovered", job_id=job.short_id, state=job.state.value,
                         found="reclaimed")
             self.stats.orphans += 1
         elif new:
             self.stats.claimed += 1
-        self._set(job)
-        if job.id in self._held:
-            delay = (job.next_run_at - clock.now()).total_seconds()
-            self.scheduler.schedule(job.id, max(0.0, delay))
+
+    def _drop(self, job_id: str) -> None:
+        """The lease is gone: forget the job, never guess at it."""
+        self.held.drop(job_id)
+        self.stats.leases_lost += 1
+        metrics.leases_lost.inc()
 
     # -- running steps -----------------------------------------------------------------------
     async def _executor(self, ctx: steps.Context) -> None:
         while True:
             job_id = await self.scheduler.next()
-            job = self._held.get(job_id)
+            job = self.held.get(job_id)
             if job is None:
                 continue
-            self._running[job_id] += 1
-            try:
+            with self.held.run(job_id):
                 await self._run_one(job, ctx)
-            finally:
-                self._running[job_id] -= 1
-                if self._running[job_id] <= 0:
-                    del self._running[job_id]
 
     async def _run_one(self, job: jobs.Job, ctx: steps.Context) -> None:
         step, fn = self._step_for(job.state)
@@ -272,7 +210,7 @@ class Worker:
         reserved = False
         if step is lifecycle.Step.SUBMIT and job.service in self.settings.services:
             if not self.slots.reserve(job.service, job.id):
-                return  # parked: `_release` schedules it when a slot frees
+                return  # parked: `held.release` schedules it when a slot frees
             reserved = True
         try:
             result = await self._call(job, fn, ctx, bound)
@@ -280,7 +218,7 @@ class Worker:
                 await self._apply(job, result, bound)
         finally:
             if reserved:  # the SUBMITTED state (if reached) now holds the slot itself
-                self._release(job.service)
+                self.held.release(job.service)
 
     async def _call(
         self, job: jobs.Job, fn: pipeline.StepFn, ctx: steps.Context, bound: Any
@@ -316,8 +254,8 @@ class Worker:
     ) -> steps.Fail | None:
         self.stats.transient_errors += 1
         metrics.transient_errors.labels(job.service).inc()
-        self._transient[job.id] += 1
-        n = self._transient[job.id]
+        self.held.transient[job.id] += 1
+        n = self.held.transient[job.id]
         policy = self.settings.service(job.service).retry
         if backoff.retries_exhausted(policy, n):
             return steps.Fail(code=exc.code or "TransientError", message=str(exc))
@@ -329,8 +267,8 @@ class Worker:
     def _internal_error(self, job: jobs.Job, exc: Exception, bound: Any) -> steps.Fail | None:
         self.stats.internal_errors += 1
         metrics.internal_errors.labels(job.service).inc()
-        self._internal[job.id] += 1
-        n = self._internal[job.id]
+        self.held.internal[job.id] += 1
+        n = self.held.internal[job.id]
         bound.error("step_crashed", error=f"{type(exc).__name__}: {exc}", failures=n,
                     exc_info=exc)
         if n >= MAX_INTERNAL_ERRORS:
@@ -367,14 +305,14 @@ class Worker:
         if not applied:
             self._lost_guard(job.id, job.state, bound)
             return
-        self._transient.pop(job.id, None)
-        self._internal.pop(job.id, None)
+        self.held.transient.pop(job.id, None)
+        self.held.internal.pop(job.id, None)
         new = dataclasses.replace(job, state=to, updated_at=now, next_run_at=now, **fields)
         level = bound.info if to in _NOTEWORTHY else bound.debug
         level("job_" + to.value, message=message)
         self._count(new, now)
-        self._set(new)
-        if new.id in self._held:
+        self.held.update(new)
+        if new.id in self.held:
             # A job just started cannot have finished yet: its first poll waits initial_s.
             delay = (self.settings.service(new.service).poll.initial_s
                      if to is JobState.STARTED and new.service in self.settings.services
@@ -383,12 +321,12 @@ class Worker:
 
     def _wait(self, job: jobs.Job, result: steps.Wait, now: dt.datetime) -> None:
         self.stats.polls += 1
-        self._transient.pop(job.id, None)
-        self._internal.pop(job.id, None)
+        self.held.transient.pop(job.id, None)
+        self.held.internal.pop(job.id, None)
         next_run = now + dt.timedelta(seconds=result.delay_s)
-        self._held[job.id] = dataclasses.replace(
+        self.held.replace(dataclasses.replace(
             job, bes_status=result.bes_status, poll_count=result.poll_count,
-            next_run_at=next_run)
+            next_run_at=next_run))
         self.scheduler.schedule(job.id, result.delay_s)
         if result.bes_status != job.bes_status:
             # Only a status change is written (with its event): "still running" costs no
@@ -408,7 +346,7 @@ class Worker:
         exc = fut.exception()
         if exc is not None:
             if _is_rejected(exc):
-                job = self._held.get(job_id)
+                job = self.held.get(job_id)
                 if job is not None and job.state is expected:
                     self._fail_rejected(job, str(exc))
             return
@@ -419,7 +357,7 @@ class Worker:
         """A guarded write changed no row. Drop the job only if this worker still has it in the
         state the write expected: if another of its steps has moved it on meanwhile, that
         step's write succeeded and the job is still ours."""
-        held = self._held.get(job_id)
+        held = self.held.get(job_id)
         if held is not None and held.state is not expected:
             bound.warning("stale_write_ignored", expected=expected.value, now=held.state.value)
             return
@@ -443,7 +381,7 @@ class Worker:
             # Its own failure cannot be written either: stop here, loudly, and let a restart
             # (or `jobs show`) look at it rather than loop.
             log.error("job_stuck", job_id=job.short_id, error=reason)
-            self._forget(job.id)
+            self.held.forget(job.id)
             return
         fut = self._writer.submit(t)
         failing = dataclasses.replace(job, state=JobState.FAILING, error=message,
@@ -452,9 +390,9 @@ class Worker:
         def done(f: asyncio.Future[bool]) -> None:
             if f.cancelled() or f.exception() is not None or not f.result():
                 log.error("job_stuck", job_id=job.short_id, error=reason)
-                self._forget(job.id)
+                self.held.forget(job.id)
                 return
-            self._set(failing)
+            self.held.update(failing)
             self.scheduler.schedule(job.id)
 
         fut.add_done_callback(done)
@@ -487,7 +425,7 @@ class Worker:
     async def _claimer(self) -> None:
         while True:
             d = self.settings.daemon
-            room = d.max_jobs_held - len(self._held)
+            room = d.max_jobs_held - len(self.held)
             try:
                 if room > 0:
                     now = clock.now()
@@ -540,7 +478,7 @@ class Worker:
         """Every held job must be scheduled, running or parked; any other is an orphan (a bug
         this check makes survivable): log it and schedule it. Jobs the database says this
         worker leases but that it does not hold are adopted. Returns the orphans found."""
-        orphans = [j for j in self._held.values() if not self._tracked(j.id)]
+        orphans = self.held.orphans()
         for job in orphans:
             log.warning("job_orphan_recovered", job_id=job.short_id, state=job.state.value,
                         found="held")
@@ -549,14 +487,11 @@ class Worker:
         if leased_by is not None:
             # A job held at the start, or forgotten while the query ran (it ended), is not
             # an orphan even if the snapshot the query read still shows it leased.
-            seen, self._forgotten = set(self._held), set()
-            try:
+            seen = self.held.ids()
+            with self.held.watching_forgets() as forgotten:
                 leased: list[jobs.Job] = await leased_by(self.worker_id)
-            finally:
-                seen |= self._forgotten
-                self._forgotten = None
             for job in leased:
-                if job.id not in seen and job.id not in self._held:
+                if job.id not in seen and job.id not in forgotten and job.id not in self.held:
                     log.warning("job_orphan_recovered", job_id=job.short_id,
                                 state=job.state.value, found="leased")
                     orphans.append(job)

@@ -61,7 +61,7 @@ async def test_a_lost_lease_drops_the_job_and_leaves_it_to_its_new_owner(
                              "where id = ?", ef.ts(later), job_id)
             gate.set()
             await ef.wait_until(lambda: d.worker.stats.leases_lost == 1, what="lease lost")
-            assert d.worker.held == 0
+            assert len(d.worker.held) == 0
             await asyncio.sleep(0.3)  # nothing more happens to it here
             assert backend.calls[(job_id, Step.SUBMIT)] == 0
         rows = ef.sql(settings, "select state, lease_owner from jobs")
