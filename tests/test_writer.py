@@ -147,7 +147,8 @@ async def test_postgres_connection_killed_is_retried(
         try:
             killed = await admin.fetchval(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE application_name = 'bes-orchestrator' AND pid <> pg_backend_pid()")
+                "WHERE application_name = 'bes-orchestrator' AND datname = current_database() "
+                "AND pid <> pg_backend_pid()")
         finally:
             await admin.close()
         assert killed >= 1
