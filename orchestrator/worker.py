@@ -24,10 +24,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from orchestrator import (
-    backoff,
     clock,
     config,
-    errors,
     held,
     intake_buffer,
     jobs,
@@ -37,6 +35,7 @@ from orchestrator import (
     pipeline,
     scheduler,
     slots,
+    step_errors,
     steps,
     writer,
 )
@@ -45,9 +44,6 @@ from orchestrator.steps import intake
 
 CLAIM_INTERVAL_S = 0.5
 CLAIM_BATCH = intake_buffer.CLAIM_BATCH
-#: A bug in a step is retried with backoff, but not forever (counted apart from transient
-#: errors, which a service outage may raise for a long time).
-MAX_INTERNAL_ERRORS = 5
 #: How often every held job is checked to be scheduled, running or parked.
 SELF_CHECK_S = 15.0
 
@@ -224,57 +220,42 @@ class Worker:
         self, job: jobs.Job, fn: pipeline.StepFn, ctx: steps.Context, bound: Any
     ) -> steps.StepResult | None:
         """Run a step; map exceptions to a result, or None when the job was rescheduled."""
-        if job.service not in self.settings.services:
-            return steps.Fail(code="UnknownService", message=f"no service named {job.service!r}")
-        if job.attempts > self.settings.daemon.max_claims and job.state not in (
-            JobState.FAILING, JobState.CANCELLING
-        ):
-            return steps.Fail(
-                code="TooManyAttempts",
-                message=f"claimed {job.attempts} times without finishing (a crash loop?)",
-            )
+        refused = step_errors.refusal(job, self.settings)
+        if refused is not None:
+            return refused
         try:
             return await fn(job, ctx)
-        except errors.PermanentError as exc:
-            return steps.Fail(code=exc.code or "Error", message=str(exc))
-        except errors.ThrottledError as exc:
+        except Exception as exc:
+            return self._on_error(job, exc, bound)
+
+    def _on_error(self, job: jobs.Job, exc: Exception, bound: Any) -> steps.Fail | None:
+        kind = step_errors.kind_of(exc)
+        failures = 0
+        if kind is step_errors.Kind.THROTTLED:
             self.stats.throttled += 1
             metrics.throttled.labels(job.service).inc()
-            delay = exc.retry_after_s if exc.retry_after_s is not None else 5.0
-            bound.info("step_throttled", retry_after_s=delay)
-            self.scheduler.schedule(job.id, delay)
-            return None
-        except errors.TransientError as exc:
-            return self._transient_error(job, exc, bound)
-        except Exception as exc:  # a bug: keep the daemon alive, retry a few times, then fail
-            return self._internal_error(job, exc, bound)
-
-    def _transient_error(
-        self, job: jobs.Job, exc: errors.TransientError, bound: Any
-    ) -> steps.Fail | None:
-        self.stats.transient_errors += 1
-        metrics.transient_errors.labels(job.service).inc()
-        self.held.transient[job.id] += 1
-        n = self.held.transient[job.id]
-        policy = self.settings.service(job.service).retry
-        if backoff.retries_exhausted(policy, n):
-            return steps.Fail(code=exc.code or "TransientError", message=str(exc))
-        delay = backoff.retry_delay_s(policy, n, retry_after_s=exc.retry_after_s, rng=self.rng)
-        bound.info("step_retry", error=str(exc), failures=n, retry_in_s=round(delay, 2))
-        self.scheduler.schedule(job.id, delay)
-        return None
-
-    def _internal_error(self, job: jobs.Job, exc: Exception, bound: Any) -> steps.Fail | None:
-        self.stats.internal_errors += 1
-        metrics.internal_errors.labels(job.service).inc()
-        self.held.internal[job.id] += 1
-        n = self.held.internal[job.id]
-        bound.error("step_crashed", error=f"{type(exc).__name__}: {exc}", failures=n,
-                    exc_info=exc)
-        if n >= MAX_INTERNAL_ERRORS:
-            return steps.Fail(code="InternalError", message=f"{type(exc).__name__}: {exc}")
-        policy = self.settings.service(job.service).retry
-        self.scheduler.schedule(job.id, backoff.retry_delay_s(policy, n, rng=self.rng))
+        elif kind is step_errors.Kind.TRANSIENT:
+            self.stats.transient_errors += 1
+            metrics.transient_errors.labels(job.service).inc()
+            self.held.transient[job.id] += 1
+            failures = self.held.transient[job.id]
+        elif kind is step_errors.Kind.INTERNAL:
+            self.stats.internal_errors += 1
+            metrics.internal_errors.labels(job.service).inc()
+            self.held.internal[job.id] += 1
+            failures = self.held.internal[job.id]
+            bound.error("step_crashed", error=f"{type(exc).__name__}: {exc}",
+                        failures=failures, exc_info=exc)
+        decision = step_errors.decide(exc, failures=failures, rng=self.rng,
+                                      policy=self.settings.service(job.service).retry)
+        if isinstance(decision, steps.Fail):
+            return decision
+        if kind is step_errors.Kind.THROTTLED:
+            bound.info("step_throttled", retry_after_s=decision.delay_s)
+        elif kind is step_errors.Kind.TRANSIENT:
+            bound.info("step_retry", error=str(exc), failures=failures,
+                       retry_in_s=round(decision.delay_s, 2))
+        self.scheduler.schedule(job.id, decision.delay_s)
         return None
 
     # -- applying results --------------------------------------------------------------------
