@@ -39,6 +39,7 @@ class FileIntake:
         self._worker_id = worker_id
         self._adopt = adopt
         self._once = once
+        self._services = {w.name: w.service for w in settings.watches}
         #: Settled files not yet inserted, with the watcher that offered each.
         self._files: list[tuple[watcher.FolderWatcher, watcher.Candidate]] = []
         self._wake = asyncio.Event()
@@ -56,6 +57,7 @@ class FileIntake:
     def reload(self, settings: config.Settings) -> None:
         old = self.settings.watches
         self.settings = settings
+        self._services = {w.name: w.service for w in settings.watches}
         if tuple(settings.watches) != tuple(old):
             self._restart.set()
 
@@ -119,6 +121,7 @@ class FileIntake:
             log.warning("input_rejected", path=str(item.path), reason=item.reason)
             return
         assert self._watcher is not None
+        metrics.files_seen.labels(self._services.get(item.watch, "")).inc()
         self._files.append((self._watcher, item))
         self._wake.set()
 

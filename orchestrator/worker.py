@@ -232,8 +232,7 @@ class Worker:
         kind = step_errors.kind_of(exc)
         failures = 0
         if kind is step_errors.Kind.THROTTLED:
-            self.stats.throttled += 1
-            metrics.throttled.labels(job.service).inc()
+            self.stats.throttled += 1  # the metric counts answers, in the backend's client
         elif kind is step_errors.Kind.TRANSIENT:
             self.stats.transient_errors += 1
             metrics.transient_errors.labels(job.service).inc()
