@@ -535,13 +535,18 @@ def status(config_path: Path, as_json: bool) -> None:
     except errors.ConfigError as exc:
         fail(str(exc), EX_CONFIG)
 
-    async def go(r: repository.Repository) -> tuple[dict[lifecycle.JobState, int], jobs.Job | None]:
-        return await r.count_by_state(), await r.oldest_active()
+    from orchestrator.backends.batch_endpoint import status as be_status
 
-    counts, oldest = run_async(with_repo(settings, go, existing=True))
+    async def go(r: repository.Repository) -> tuple[
+            dict[lifecycle.JobState, int], jobs.Job | None, list[be_status.PollInterval]]:
+        return (await r.count_by_state(), await r.oldest_active(),
+                await be_status.poll_intervals(settings, r.read_engine))
+
+    counts, oldest, polling = run_async(with_repo(settings, go, existing=True))
     data = {
         "counts": {s.value: counts.get(s, 0) for s in lifecycle.JobState},
         "in_flight": sum(counts.get(s, 0) for s in lifecycle.ACTIVE_STATES),
+        "batch_endpoint_polling": [row.as_dict() for row in polling],
         "oldest_in_flight": job_dict(oldest) if oldest else None,
         "health": health.as_dict(),
     }
@@ -550,6 +555,8 @@ def status(config_path: Path, as_json: bool) -> None:
         return
     print_table(["state", "jobs"],
                 [[s.value, str(counts[s])] for s in lifecycle.JobState if counts.get(s)])
+    for row in polling:
+        console.print(be_status.describe(row), highlight=False, markup=False)
     if oldest:
         age = (clock.now() - oldest.created_at).total_seconds()
         console.print(f"oldest in flight: {oldest.short_id} {oldest.input_name} "
