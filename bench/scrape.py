@@ -131,6 +131,7 @@ async def serve(cfg: Path, max_age_s: float, finished_max_age_s: float) -> None:
     repo = await repository.Repository.open(settings.database.url)
 
     async def ready() -> tuple[bool, str]:
+        await repo.check_schema()  # what the daemon's readiness asks the database each scrape
         return True, "ready"
 
     server = await web_server.start(settings, repo, live=lambda: (True, "ok"), ready=ready)
