@@ -29,6 +29,7 @@ from orchestrator import (
     held,
     intake_buffer,
     jobs,
+    leases,
     lifecycle,
     logs,
     metrics,
@@ -40,12 +41,9 @@ from orchestrator import (
     writer,
 )
 from orchestrator.db import repository
-from orchestrator.steps import intake
 
-CLAIM_INTERVAL_S = 0.5
-CLAIM_BATCH = intake_buffer.CLAIM_BATCH
-#: How often every held job is checked to be scheduled, running or parked.
-SELF_CHECK_S = 15.0
+#: How often the claim loop looks for due jobs (tests/test_scaleout.py bounds takeovers by it).
+CLAIM_INTERVAL_S = leases.CLAIM_INTERVAL_S
 
 log = logs.get("bes.worker")
 #: Transitions logged at info; the others at debug (six info lines a job cost 0.7 ms of CPU).
@@ -101,7 +99,6 @@ class Worker:
         self.worker_id = settings.daemon.worker_id
         self.stats = Stats()
         self._step_for = step_for
-        self._check = check
         self.scheduler = scheduler.Scheduler()
         self.slots = slots.Slots(_limits(settings))
         self._claim_wake = asyncio.Event()
@@ -109,11 +106,13 @@ class Worker:
                               on_forget=self._claim_wake.set)
         self.rng = random.Random()
         self._writer = writer.BatchWriter(repo, self.worker_id)
-        self._renewed_at = clock.monotonic()
         self._ctx: steps.Context | None = None
         self._closed = False
         self.intake = intake_buffer.FileIntake(
             settings, repo, self.worker_id, adopt=self._adopt, once=once)
+        self.leases = leases.Leases(settings, repo, self.held, wake=self._claim_wake,
+                                    adopt=lambda job, new: self._adopt(job, new=new),
+                                    check=check)
         metrics.jobs_held.set_function(lambda: len(self.held))
         metrics.executors_busy.set_function(self.held.running)
 
@@ -130,8 +129,8 @@ class Worker:
         return {
             "writer": self._run_writer(),
             "timer": self.scheduler.run(),
-            "claimer": self._claimer(),
-            "heartbeat": self._heartbeat(),
+            "claimer": self.leases.claim_loop(),
+            "heartbeat": self.leases.heartbeat_loop(),
             "intake": self.intake.run(),
             "self-check": self._self_check_loop(),
             "lag-report": self.scheduler.report_lag(lambda: len(self.held)),
@@ -169,6 +168,7 @@ class Worker:
         for job_id in self.slots.set_limits(_limits(settings)):
             self.scheduler.schedule(job_id)
         self.intake.reload(settings)
+        self.leases.settings = settings
         self._claim_wake.set()
 
     # -- held jobs ---------------------------------------------------------------------------
@@ -402,80 +402,14 @@ class Worker:
         await asyncio.shield(task)
         raise RuntimeError("the batch writer stopped")
 
-    async def _claimer(self) -> None:
-        while True:
-            d = self.settings.daemon
-            room = d.max_jobs_held - len(self.held)
-            try:
-                if room > 0:
-                    now = clock.now()
-                    got = await self.repo.claim_due(
-                        worker_id=self.worker_id, now=now, lease_s=d.lease_s,
-                        limit=min(room, CLAIM_BATCH))
-                    queued = await self.repo.claim_queue(
-                        worker_id=self.worker_id, now=now, lease_s=d.lease_s,
-                        limit=max(0, min(room - len(got), CLAIM_BATCH)),
-                        make_job=self._queue_job)
-                    for job in queued:
-                        metrics.files_claimed.labels(job.service).inc()
-                    for job in (*got, *queued):
-                        self._adopt(job)
-                    if len(got) + len(queued) >= CLAIM_BATCH:
-                        continue
-            except Exception as exc:  # the database is briefly unavailable: try again soon
-                log.warning("claim_failed", error=str(exc))
-            self._claim_wake.clear()
-            try:
-                async with asyncio.timeout(CLAIM_INTERVAL_S):
-                    await self._claim_wake.wait()
-            except TimeoutError:
-                pass
-
-    def _queue_job(self, item: jobs.QueueItem) -> jobs.NewJob:
-        return intake.from_queue(self.settings, item)
-
-    async def _heartbeat(self) -> None:
-        while True:
-            d = self.settings.daemon
-            await asyncio.sleep(d.heartbeat_s)
-            if self._check is not None:
-                self._check()
-            try:
-                n = await self.repo.heartbeat(self.worker_id, now=clock.now(), lease_s=d.lease_s)
-            except Exception as exc:
-                log.warning("heartbeat_failed", error=str(exc),
-                            since_renewal_s=round(clock.monotonic() - self._renewed_at, 1))
-                continue
-            self._renewed_at = clock.monotonic()
-            metrics.leases_renewed.inc(n)
-
     async def _self_check_loop(self) -> None:
         while True:
-            await asyncio.sleep(SELF_CHECK_S)
+            await asyncio.sleep(leases.SELF_CHECK_S)
             await self.self_check()
 
     async def self_check(self) -> int:
-        """Every held job must be scheduled, running or parked; any other is an orphan (a bug
-        this check makes survivable): log it and schedule it. Jobs the database says this
-        worker leases but that it does not hold are adopted. Returns the orphans found."""
-        orphans = self.held.orphans()
-        for job in orphans:
-            log.warning("job_orphan_recovered", job_id=job.short_id, state=job.state.value,
-                        found="held")
-            self.scheduler.schedule(job.id)
-        leased_by = getattr(self.repo, "leased_jobs", None)
-        if leased_by is not None:
-            # A job held at the start, or forgotten while the query ran (it ended), is not
-            # an orphan even if the snapshot the query read still shows it leased.
-            seen = self.held.ids()
-            with self.held.watching_forgets() as forgotten:
-                leased: list[jobs.Job] = await leased_by(self.worker_id)
-            for job in leased:
-                if job.id not in seen and job.id not in forgotten and job.id not in self.held:
-                    log.warning("job_orphan_recovered", job_id=job.short_id,
-                                state=job.state.value, found="leased")
-                    orphans.append(job)
-                    self._adopt(job, new=False)
+        """See `leases.Leases.self_check`; returns how many orphans it found."""
+        orphans = await self.leases.self_check()
         self.stats.orphans += len(orphans)
         return len(orphans)
 

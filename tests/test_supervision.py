@@ -73,7 +73,7 @@ async def test_a_dead_task_stops_the_daemon_with_its_traceback_and_the_watchdog(
                 def boom() -> None:
                     raise RuntimeError("the heartbeat's own bug")
 
-                d.worker._check = boom  # the next heartbeat raises outside any retry
+                d.worker.leases._check = boom  # the next heartbeat raises outside any retry
                 outcome = await asyncio.wait_for(task, 10)
                 assert outcome.exit_code == daemon.EX_SOFTWARE
                 assert outcome.failure is not None and "heartbeat" in outcome.failure
