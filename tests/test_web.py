@@ -368,3 +368,15 @@ async def test_status_command_shows_the_daemon_health(seeded: Seeded) -> None:
         assert TOKEN not in out
     out = await status()
     assert "live: NO (no answer from http://127.0.0.1:" in out
+
+
+async def test_read_only_and_unknown_paths(seeded: Seeded) -> None:
+    async with serving(seeded) as (_, s):
+        status, _, headers = await get(s, "/nope")
+        assert status == 404 and "Content-Security-Policy" in headers
+        for method in ("POST", "PUT", "DELETE", "PATCH"):
+            for path in ("/", f"/jobs/{seeded.rows[0]['id']}", "/metrics"):
+                async with s.request(method, path) as r:
+                    assert r.status == 405, (method, path)
+    rows = await seeded.repo.count_by_state()  # nothing changed
+    assert rows[S.DONE] == 4 and rows[S.FAILED] == 1

@@ -96,8 +96,9 @@ class _App:
                 return resp
         try:
             resp = await handler(request)
-        except web.HTTPException as exc:
-            resp = exc
+        except web.HTTPException as exc:  # 404, 405: aiohttp's own answers, with our headers
+            exc.headers.update(_SECURITY_HEADERS)
+            raise
         except Exception as exc:  # a page error must not reach the loop
             log.warning("http_error", path=request.path, error=f"{type(exc).__name__}: {exc}")
             resp = web.Response(
