@@ -47,17 +47,25 @@ def test_bad_inputs_each_have_a_defined_outcome(
         (s.inbox / "adir.csv" / "inner.csv").write_text(good)
         unreadable = s.drop("unreadable.csv", good)
         unreadable.chmod(0)
+        s.drop("UPPER.CSV", good)  # the pattern ignores case
+        s.drop("notes.txt", "not an input\n")  # no pattern takes it: said once, left alone
         proc = s.cli("run", "--once", check=False, timeout=110)
         assert proc.returncode == 1, proc.stdout + proc.stderr  # some inputs fail, by design
         hist = {h["input_name"]: h for h in s.history()}
 
         # Unaffected good inputs: exact results.
-        for n in ["good.csv", *weird, LONG, "same-content-a.csv", "same-content-b.csv"]:
+        for n in ["good.csv", *weird, LONG, "same-content-a.csv", "same-content-b.csv",
+                  "UPPER.CSV"]:
             assert hist[n]["state"] == "done", (n, hist[n])
             out = Path(hist[n]["outputs"]["output1"])
             assert out.parent == s.results and out.exists()
             crash.check_result(out, GOOD)
             assert (s.archive / n).exists()
+        assert Path(hist["UPPER.CSV"]["outputs"]["output1"]).name == "UPPER.output1.csv"
+        # Never taken, never silent: one line names it.
+        assert "notes.txt" not in hist and (s.inbox / "notes.txt").exists()
+        ignored = [ln for ln in proc.stderr.splitlines() if "input_ignored" in ln]
+        assert len(ignored) == 1 and "notes.txt" in ignored[0], proc.stderr[-2000:]
         assert len(Path(hist[LONG]["outputs"]["output1"]).name.encode()) <= 255
         # Data the model cannot use: failed with the service's reason, input kept.
         for n in ["empty.csv", "binary.csv", "latin1.csv"]:

@@ -7,13 +7,15 @@ real folders; the end-to-end case runs the daemon, SIGKILLs it and deletes its d
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 from pathlib import Path
 
 import pytest
 
 from orchestrator import azurite as azurite_mod
-from orchestrator import clock, config, jobs, lifecycle, spool
+from orchestrator import clock, config, errors, fsutil, jobs, lifecycle, spool
 from orchestrator.db import migrate, repository
 from orchestrator.steps import claim
 from tests import harness
@@ -165,3 +167,86 @@ def test_database_deleted_under_a_spool_every_input_is_processed(
             crash.check_result(s.results / f"in{i}.output1.csv", crash.texts_for(i))
             assert (s.archive / f"in{i}.csv").exists()
         assert not list(spool_dir.iterdir())  # inputs and their records are gone
+
+
+# --------------------------------------------------------------------------------------------
+# The claim step's two ways into the spool (real files; the other-user case runs as another
+# user in tests/test_claim_user.py)
+
+
+def _job_for(path: Path, *, job_id: str = "e" * 32, watch: str | None = "w") -> jobs.Job:
+    st = path.stat()
+    now = clock.now()
+    key = f"{watch}:{path.name}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}" if watch else "queue:1"
+    return jobs.Job(
+        id=job_id, state=lifecycle.JobState.CLAIMED, service="svc", watch=watch, claim_key=key,
+        source_path=str(path), input_name=path.name, input_path=str(path), input_sha256=None,
+        input_size=None, output_dir="/o", archive_dir="/a", failed_dir="/f", bes_job_id=None,
+        bes_status=None, result_refs={}, outputs={}, error=None, error_code=None, attempts=1,
+        runs=1, poll_count=0, resubmits=0, cancel_requested=False, lease_owner="w1",
+        lease_expires_at=None, next_run_at=now, deadline_at=None, created_at=now,
+        updated_at=now, submitted_at=None, started_at=None, finished_at=None)
+
+
+def test_claim_renames_the_daemons_own_file_and_makes_it_private(tmp_path: Path) -> None:
+    src = tmp_path / "in" / "a.CSV"
+    src.parent.mkdir()
+    src.write_text("Col1,Col2\n1,a\n")
+    inode = src.stat().st_ino
+    spool_dir = tmp_path / "spool"
+    job = _job_for(src)
+    target = claim.spool_path(spool_dir, job)
+    claim._claim(job, src, target, spool_dir)
+    assert target.name == f"{job.id}.csv" and not src.exists()
+    assert target.stat().st_ino == inode and target.stat().st_mode & 0o777 == 0o600
+    record = spool.read_record(spool.record_path(spool_dir, job.id))
+    assert (record.input_name, record.input_size) == ("a.CSV", len("Col1,Col2\n1,a\n"))
+
+
+def test_claim_copies_a_file_with_other_links_and_leaves_them(tmp_path: Path) -> None:
+    """A second hard link could change the bytes after the claim: the spool gets a copy."""
+    src = tmp_path / "in" / "a.csv"
+    src.parent.mkdir()
+    src.write_text("Col1,Col2\n1,a\n")
+    other = tmp_path / "elsewhere.csv"
+    os.link(src, other)
+    spool_dir = tmp_path / "spool"
+    job = _job_for(src)
+    target = claim.spool_path(spool_dir, job)
+    digest, size = claim._claim(job, src, target, spool_dir)
+    assert not src.exists() and other.read_text() == "Col1,Col2\n1,a\n"
+    assert target.stat().st_ino != other.stat().st_ino and target.stat().st_nlink == 1
+    assert (digest, size) == fsutil.sha256_file(target)
+    assert not [p for p in spool_dir.iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_claim_resumed_after_a_crash_between_copy_and_removal(tmp_path: Path) -> None:
+    """The copy reached the spool, the original was not removed yet: the resumed claim
+    removes that original (same file version), never a new file dropped under its name."""
+    src = tmp_path / "in" / "a.csv"
+    src.parent.mkdir()
+    src.write_text("Col1,Col2\n1,a\n")
+    spool_dir = tmp_path / "spool"
+    job = _job_for(src)
+    target = claim.spool_path(spool_dir, job)
+    spool_dir.mkdir()
+    shutil.copyfile(src, target)  # as the interrupted claim left it
+    claim._claim(job, src, target, spool_dir)
+    assert not src.exists() and spool.record_path(spool_dir, job.id).exists()
+
+    src.write_text("Col1,Col2\n2,a newer file under the same name\n")  # another version
+    claim._claim(job, src, target, spool_dir)
+    assert src.exists()
+
+
+def test_claim_of_a_vanished_input_fails_and_leaves_nothing_in_the_spool(tmp_path: Path) -> None:
+    src = tmp_path / "in" / "gone.csv"
+    src.parent.mkdir()
+    src.write_text("x")
+    job = _job_for(src)
+    src.unlink()
+    spool_dir = tmp_path / "spool"
+    with pytest.raises(errors.PermanentError) as info:
+        claim._claim(job, src, claim.spool_path(spool_dir, job), spool_dir)
+    assert info.value.code == "InputVanished"
+    assert not spool_dir.exists() or not list(spool_dir.iterdir())
