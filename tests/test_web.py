@@ -101,8 +101,10 @@ class Seeded:
 
 
 @pytest.fixture
-async def seeded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Seeded]:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"
+async def seeded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database_url: str
+                 ) -> AsyncIterator[Seeded]:
+    """Jobs in every kind of state, on a SQLite file and on PostgreSQL."""
+    url = database_url
     await migrate.upgrade(url)
     now = clock.now()
     m = dt.timedelta(minutes=1)

@@ -36,7 +36,7 @@ SNAPSHOT_MAX_AGE_S = 1.0
 #: Counts of finished jobs need a pass over the whole history (it only grows), so they are
 #: recounted at most this often; what happens meanwhile shows in `jobs_finished_total`.
 FINISHED_MAX_AGE_S = 60.0
-READY_TIMEOUT_S = 5.0
+READY_TIMEOUT_S = 3.0  #: below a 5 s scrape timeout: a hung check answers "not ready"
 IN_FLIGHT_SHOWN = 100
 STUCK_SHOWN = 50
 FAILURES_SHOWN = 50
