@@ -278,3 +278,25 @@ def test_report_and_submitted_are_plain_records() -> None:
                                     base.Phase.CANCELLED}
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.status = "x"  # type: ignore[misc]
+
+
+async def test_rrs_413_says_to_use_bes(session: aiohttp.ClientSession, tmp_path: Path) -> None:
+    async def handler(_request: web.Request) -> web.StreamResponse:
+        return web.json_response({"error": {"code": "RequestEntityTooLarge",
+                                            "message": "The request is too large."}},
+                                 status=413)
+
+    app = web.Application()
+    app.router.add_post("/workspaces/ws1/services/hashing/execute", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        host, port = runner.addresses[0][:2]
+        backend = rrs.RrsBackend(_rrs_service(f"http://{host}:{port}"), session)
+        with pytest.raises(errors.PermanentError) as info:
+            await backend.status(_job(tmp_path, b"Col1,Col2\n1,a\n"))
+    finally:
+        await runner.cleanup()
+    assert info.value.status == 413 and info.value.code == "RequestEntityTooLarge"
+    assert 'use kind = "bes"' in str(info.value)

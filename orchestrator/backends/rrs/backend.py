@@ -205,6 +205,10 @@ class RrsBackend:
             if exc.status == 400:  # the service refused the input: the job failed, as in BES
                 return base.Report(phase=base.Phase.FAILED, status=STATUS_FAILED,
                                    details=str(exc))
+            if exc.status == 413:  # within our limits, yet too large for the service
+                raise errors.PermanentError(
+                    f"{exc}; the request is too large for RRS: lower max_rows/max_bytes,"
+                    ' or use kind = "bes" for this file', code=exc.code, status=413) from None
             raise
         tables = parse_answer(answer)
         missing = [n for n in self.outputs if n not in tables]
