@@ -10,17 +10,19 @@ index the first time, or whenever the constraints change.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import orchestrator
+from tests import harness
 
 ROOT = Path(__file__).resolve().parent.parent
 CONSTRAINTS = ROOT / "constraints.txt"
@@ -168,3 +170,51 @@ def move_back(aside: Path) -> None:
     if target.exists():
         shutil.rmtree(target) if target.is_dir() else target.unlink()
     aside.rename(target)
+
+
+@contextlib.contextmanager
+def emulator(inst: Installed, cwd: Path, api_key: str) -> Iterator[str]:
+    """`bes-orchestrator emulator` from the test venv (its emulator extra); yields its URL."""
+    proc = subprocess.Popen(
+        [str(inst.exe), "emulator", "--host", "127.0.0.1", "--port", "0"], cwd=cwd,
+        env=clean_env({"BES_EMULATOR_API_KEY": api_key}), stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "listening on" in line, line
+        yield line.strip().rsplit(" ", 1)[-1]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def write_config(work: Path, emulator_url: str) -> Path:
+    """A config for the installed daemon: everything under `work`, secrets from the env
+    (daemon_env), the HTTP endpoint off (its fixed default port may be taken by another test)."""
+    (work / "inbox").mkdir(exist_ok=True)
+    text = (
+        harness.table("daemon", {"state_dir": str(work / "state"), "heartbeat_s": 1.0,
+                                 "lease_s": 5.0, "rescan_s": 2.0})
+        + harness.table("database", {"url": f"sqlite+aiosqlite:///{work / 'state' / 'state.db'}"})
+        + harness.table("storage", {"connection_string_env": "BES_STORAGE",
+                                    "container": "bes-install"})
+        + harness.table("http", {"listen": ""})
+        + harness.table("services.svc", {
+            "base_url": emulator_url, "workspace": "ws1", "service": "hashing",
+            "api_key_env": "BES_API_KEY",
+            "poll": {"initial_s": 0.2, "multiplier": 1.5, "max_s": 1.0, "jitter": 0.1}})
+        + harness.table("[watch]", {
+            "folder": str(work / "inbox"), "pattern": "*.csv", "service": "svc",
+            "output_dir": str(work / "results"), "archive_dir": str(work / "archive"),
+            "failed_dir": str(work / "failed"), "settle_s": 0.2})
+    )
+    path = work / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def daemon_env(storage_connection_string: str, api_key: str) -> dict[str, str]:
+    return {"BES_API_KEY": api_key, "BES_STORAGE": storage_connection_string}

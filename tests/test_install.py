@@ -17,7 +17,7 @@ import pytest
 
 from orchestrator import azurite as azurite_mod
 from orchestrator.db import migrate
-from tests import harness, installed
+from tests import installed
 
 #: Building and installing takes about 25 s of CPU (build 6, venv 5, pip 12): minutes of wall
 #: time on a loaded machine, and the first test pays for it.
@@ -103,47 +103,16 @@ def work(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def emulator(inst: installed.Installed, work: Path) -> Iterator[str]:
-    """`bes-orchestrator emulator` from the test venv (the emulator extra); yields its URL."""
-    proc = subprocess.Popen(
-        [str(inst.exe), "emulator", "--host", "127.0.0.1", "--port", "0"], cwd=work,
-        env=installed.clean_env({"BES_EMULATOR_API_KEY": API_KEY}), stdout=subprocess.PIPE,
-        stdin=subprocess.DEVNULL, text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "listening on" in line, line
-        yield line.strip().rsplit(" ", 1)[-1]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
-        if proc.stdout is not None:
-            proc.stdout.close()
+    with installed.emulator(inst, work, API_KEY) as url:
+        yield url
 
 
 def write_config(work: Path, emulator_url: str) -> Path:
-    (work / "inbox").mkdir(exist_ok=True)
-    text = (
-        harness.table("daemon", {"state_dir": str(work / "state"), "heartbeat_s": 1.0,
-                                 "lease_s": 5.0, "rescan_s": 2.0})
-        + harness.table("database", {"url": f"sqlite+aiosqlite:///{work / 'state' / 'state.db'}"})
-        + harness.table("storage", {"connection_string_env": "BES_STORAGE",
-                                    "container": "bes-install"})
-        + harness.table("services.svc", {
-            "base_url": emulator_url, "workspace": "ws1", "service": "hashing",
-            "api_key_env": "BES_API_KEY",
-            "poll": {"initial_s": 0.2, "multiplier": 1.5, "max_s": 1.0, "jitter": 0.1}})
-        + harness.table("[watch]", {
-            "folder": str(work / "inbox"), "pattern": "*.csv", "service": "svc",
-            "output_dir": str(work / "results"), "archive_dir": str(work / "archive"),
-            "failed_dir": str(work / "failed"), "settle_s": 0.2})
-    )
-    path = work / "config.toml"
-    path.write_text(text)
-    return path
+    return installed.write_config(work, emulator_url)
 
 
 def daemon_env(az: azurite_mod.Azurite) -> dict[str, str]:
-    return {"BES_API_KEY": API_KEY, "BES_STORAGE": az.connection_string}
+    return installed.daemon_env(az.connection_string, API_KEY)
 
 
 def test_installed_wheel_migrates_and_processes_files(
@@ -211,8 +180,9 @@ def test_demo_and_emulator_without_the_extra_name_the_pip_command(
     inst: installed.Installed, work: Path
 ) -> None:
     site = inst.site_packages()
-    (mmh3,) = [p for p in site.iterdir() if p.name.startswith("mmh3") and "dist-info" not in p.name]
-    aside = installed.move_aside(mmh3)  # as if installed without [emulator]
+    mmh3 = [p for p in site.iterdir() if p.name.split(".")[0] == "mmh3"]  # module and stubs
+    assert mmh3
+    asides = [installed.move_aside(p) for p in mmh3]  # as if installed without [emulator]
     try:
         for command in (["emulator", "--port", "0"], ["demo", "--once"]):
             proc = run(inst, *command, cwd=work)
@@ -222,7 +192,8 @@ def test_demo_and_emulator_without_the_extra_name_the_pip_command(
         proc = run(inst, "--help", cwd=work)  # the commands are still listed, with the hint
         assert proc.returncode == 0 and "emulator" in proc.stdout, proc.stdout + proc.stderr
     finally:
-        installed.move_back(aside)
+        for aside in asides:
+            installed.move_back(aside)
 
 
 def test_readme_install_section_is_what_these_tests_run(inst: installed.Installed) -> None:
