@@ -94,6 +94,8 @@ class Daemon:
         self._running = False
         self._stopping = False
         self._probe_at = clock.monotonic()
+        #: The HTTP endpoint while it runs (None when `http.listen` is "").
+        self.server: web.Server | None = None
 
     # -- what probes and signals call --------------------------------------------------------
     def request_stop(self) -> None:
@@ -165,7 +167,7 @@ class Daemon:
     async def _run_registered(self) -> Outcome:
         d = self.settings.daemon
         await self._recover_spool()
-        server = await self._start_http()
+        server = self.server = await self._start_http()
         loop = asyncio.get_running_loop()
         handled: list[signal.Signals] = []
         if self._handle_signals:

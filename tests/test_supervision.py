@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import structlog
 import structlog.testing
@@ -238,3 +239,29 @@ def test_a_wall_clock_step_with_400_jobs_in_flight_strands_nothing(
         finally:
             assert harness.stop(proc) == 0
         assert "job_orphan_recovered" not in _daemon_log(s)
+
+
+async def test_the_http_endpoint_answers_live_and_ready(tmp_path: Path, monkeypatch: Any) -> None:
+    with socket.socket() as probe:  # a free port (the config refuses port 0)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    path = ef.write_config(tmp_path)
+    path.write_text(path.read_text().replace('listen = ""', f'listen = "127.0.0.1:{port}"'))
+    settings = ef.load_settings(path, monkeypatch)
+    repo = await ef.open_repo(settings)
+    try:
+        async with ef.running_daemon(settings, repo, ef.FakeBackend()) as (d, task), \
+                aiohttp.ClientSession() as http:
+            await ef.wait_until(lambda: d.worker.intake.up.is_set(), what="up")
+            assert d.server is not None and d.server.port == port
+            for probe_path in ("/healthz", "/readyz"):
+                async with http.get(f"http://127.0.0.1:{port}{probe_path}") as r:
+                    assert r.status == 200, await r.text()
+                    assert (await r.json())["status"] == "ok"
+            d.request_stop()
+            await asyncio.wait_for(task, 10)
+            with pytest.raises(aiohttp.ClientConnectionError):
+                async with http.get(f"http://127.0.0.1:{port}/healthz"):
+                    pass
+    finally:
+        await repo.close()
