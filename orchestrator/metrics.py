@@ -89,7 +89,8 @@ bytes_downloaded = prom.Counter(
 
 ready = prom.Gauge(
     _P + "ready", "1 when the daemon is ready (migrations current, database reachable, intake "
-    "up), computed at scrape time", registry=REGISTRY)
+    "up), as /readyz says; checked at scrape time, at most every 30 s while ready",
+    registry=REGISTRY)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

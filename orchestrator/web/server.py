@@ -36,6 +36,9 @@ SNAPSHOT_MAX_AGE_S = 1.0
 #: Counts of finished jobs need a pass over the whole history (it only grows), so they are
 #: recounted at most this often; what happens meanwhile shows in `jobs_finished_total`.
 FINISHED_MAX_AGE_S = 60.0
+#: The `ready` gauge feeds a "not ready for 5 minutes" alert: a readiness that held is trusted
+#: this long before the database is asked again (not ready is asked at every scrape).
+READY_GAUGE_MAX_AGE_S = 30.0
 READY_TIMEOUT_S = 3.0  #: below a 5 s scrape timeout: a hung check answers "not ready"
 IN_FLIGHT_SHOWN = 100
 STUCK_SHOWN = 50
@@ -78,6 +81,7 @@ class _App:
         self._snapshot_at = -1e9
         self._finished: dict[tuple[str, str], int] = {}
         self._finished_at = -1e9
+        self._ready_at = -1e9
         self._snapshot_lock = asyncio.Lock()
 
     # -- middleware ------------------------------------------------------------------------
@@ -142,8 +146,10 @@ class _App:
     # -- handlers --------------------------------------------------------------------------
     async def metrics_handler(self, request: web.Request) -> web.Response:
         await self.snapshot()
-        ok, _ = await self._ready()
-        metrics.ready.set(1 if ok else 0)
+        if time.monotonic() - self._ready_at > READY_GAUGE_MAX_AGE_S:
+            ok, _ = await self._ready()
+            metrics.ready.set(1 if ok else 0)
+            self._ready_at = time.monotonic() if ok else -1e9  # "not ready" is asked again
         body = prom.generate_latest(metrics.REGISTRY)
         return web.Response(body=body, headers={"Content-Type": prom.CONTENT_TYPE_LATEST})
 
