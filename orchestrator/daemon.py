@@ -149,6 +149,7 @@ class Daemon:
         if problem is not None:
             log.error("reload_failed", error=problem)
             return False
+        logs.register_secrets(config.secret_values(new))
         self.settings = new
         self.worker.reload(new)
         log.info("config_reloaded", watches=len(new.watches), services=len(new.services))

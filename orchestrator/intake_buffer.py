@@ -55,10 +55,10 @@ class FileIntake:
         return len(self._files)
 
     def reload(self, settings: config.Settings) -> None:
-        old = self.settings.watches
+        old = (tuple(self.settings.watches), self.settings.daemon.rescan_s)
         self.settings = settings
         self._services = {w.name: w.service for w in settings.watches}
-        if tuple(settings.watches) != tuple(old):
+        if (tuple(settings.watches), settings.daemon.rescan_s) != old:
             self._restart.set()
 
     async def run(self) -> None:
