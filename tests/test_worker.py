@@ -4,6 +4,7 @@ the real scheduler, slots, batch writer, claimer and heartbeat."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 from pathlib import Path
 from typing import Any
@@ -270,3 +271,37 @@ async def test_a_change_the_writer_rejects_fails_the_job_with_the_reason(
         assert sorted(v[0] for v in rows.values()) == ["done", "done", "failed", "failed"]
     finally:
         await repo.close()
+
+
+async def test_a_stale_write_does_not_drop_a_job_another_step_advanced(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The guard of a write expecting `accepted` fails because this worker's own faster step
+    already moved the job to `uploaded`: the job stays held. Expecting the state it is in,
+    the lease is really gone: dropped."""
+    from orchestrator import jobs, worker
+
+    settings, repo = await _setup(tmp_path, monkeypatch)
+    try:
+        (job,) = await repo.create_jobs(
+            [jobs.NewJob(id="a" * 32, service="svc", watch=None, claim_key="k1",
+                         source_path="/x/a.csv", input_name="a.csv", output_dir="/o",
+                         archive_dir="/a", failed_dir="/f")],
+            worker_id="w-test", now=clock.now(), lease_s=30.0)
+        w = worker.Worker(settings, repo)
+        w.held.adopt(job)
+        advanced = dataclasses.replace(job, state=lifecycle.JobState.UPLOADED)
+        w.held.update(advanced)
+        w._lost_guard(job.id, lifecycle.JobState.ACCEPTED, w_log())
+        assert job.id in w.held and w.stats.leases_lost == 0
+        w._lost_guard(job.id, lifecycle.JobState.UPLOADED, w_log())
+        assert job.id not in w.held and w.stats.leases_lost == 1
+        assert not w.scheduler.is_scheduled(job.id)
+    finally:
+        await repo.close()
+
+
+def w_log() -> Any:
+    from orchestrator import logs
+
+    return logs.get("test")
