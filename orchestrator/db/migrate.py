@@ -4,6 +4,7 @@ alembic.ini in the working directory, and the schema check the daemon runs at st
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -44,15 +45,28 @@ def _broken(problem: str) -> MigrationsError:
     )
 
 
+def _one_line(exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 def script_directory() -> alembic_script.ScriptDirectory:
-    """Alembic's view of MIGRATIONS_DIR; MigrationsError (one line) if the install lacks it."""
+    """Alembic's view of MIGRATIONS_DIR, every script loaded; MigrationsError (one line) if the
+    install lacks them or one cannot be loaded."""
     for needed in (MIGRATIONS_DIR / "env.py", MIGRATIONS_DIR / "versions"):
         if not needed.exists():
             raise _broken(f"the schema migrations are missing ({needed} not found)")
     try:
-        return alembic_script.ScriptDirectory.from_config(alembic_cfg())
-    except alembic_util.CommandError as exc:
-        raise _broken(f"the schema migrations in {MIGRATIONS_DIR} cannot be read ({exc})") from None
+        with warnings.catch_warnings():
+            # Alembic only warns about a revision whose parent is missing; here it is an error.
+            warnings.simplefilter("error")
+            scripts = alembic_script.ScriptDirectory.from_config(alembic_cfg())
+            scripts.revision_map.heads  # noqa: B018 - loads and links every script now
+    except Exception as exc:  # any fault in the scripts means a broken install
+        raise _broken(
+            f"the schema migrations in {MIGRATIONS_DIR} cannot be loaded ({_one_line(exc)})"
+        ) from None
+    return scripts
 
 
 @functools.cache
@@ -60,9 +74,9 @@ def head_revision() -> str:
     """The revision this program's schema is at."""
     try:
         head = script_directory().get_current_head()
-    except alembic_util.CommandError as exc:  # e.g. two heads, a revision naming a missing one
+    except alembic_util.CommandError as exc:  # two heads
         raise _broken(
-            f"the schema migrations in {MIGRATIONS_DIR} are inconsistent ({exc})"
+            f"the schema migrations in {MIGRATIONS_DIR} are inconsistent ({_one_line(exc)})"
         ) from None
     if head is None:
         raise _broken(f"no schema migrations found in {MIGRATIONS_DIR}")
@@ -79,6 +93,7 @@ def _known_revision(revision: str) -> bool:
 
 async def upgrade(url: str, password: str | None = None, *, revision: str = "head") -> None:
     """Bring the database at `url` up to `revision`, in one transaction."""
+    head_revision()  # a missing or broken set of migrations fails here, on one line
     engine = db_engine.create_engine(url, password=password, poolclass=pool.NullPool)
     try:
         async with engine.begin() as conn:
@@ -88,13 +103,12 @@ async def upgrade(url: str, password: str | None = None, *, revision: str = "hea
 
 
 def _run_upgrade(connection: sa.Connection, revision: str) -> None:
-    head_revision()  # a missing or broken set of migrations fails here, on one line
     cfg = alembic_cfg()
     cfg.attributes["connection"] = connection
     try:
         command.upgrade(cfg, revision)
     except alembic_util.CommandError as exc:  # e.g. an unknown target revision
-        raise MigrationsError(f"cannot migrate to {revision}: {exc}") from None
+        raise MigrationsError(f"cannot migrate to {revision}: {_one_line(exc)}") from None
 
 
 async def current_revision(engine: sa_asyncio.AsyncEngine) -> str | None:
