@@ -9,7 +9,10 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from orchestrator import clock, errors, lifecycle, metrics, steps
+from orchestrator.db import repository
 from tests import engine_fakes as ef
 
 Step = lifecycle.Step
@@ -305,3 +308,29 @@ def w_log() -> Any:
     from orchestrator import logs
 
     return logs.get("test")
+
+
+@pytest.mark.skipif(not hasattr(repository.Repository, "leased_jobs"),
+                    reason="needs Repository.leased_jobs(worker_id) (the repository's part)")
+async def test_self_check_adopts_a_job_leased_to_this_worker_that_it_does_not_hold(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A row leased to this worker that it does not hold: nobody else may take it, and the
+    heartbeat renews its lease forever. The self-check adopts it."""
+    from orchestrator import jobs
+
+    settings, repo = await _setup(tmp_path, monkeypatch)
+    backend = ef.FakeBackend(polls=0)
+    try:
+        async with ef.running_daemon(settings, repo, backend) as (d, _task):
+            await repo.create_jobs(
+                [jobs.NewJob(id="b" * 32, service="svc", watch=None, claim_key="k2",
+                             source_path="/x/b.csv", input_name="b.csv", output_dir="/o",
+                             archive_dir="/a", failed_dir="/f")],
+                worker_id="w-test", now=clock.now(), lease_s=30.0)
+            await asyncio.sleep(1.5)  # several claim rounds: none takes it
+            assert d.worker.stats.done == 0
+            assert await d.worker.self_check() == 1
+            await ef.wait_until(lambda: d.worker.stats.done == 1, 20, "adopted and done")
+    finally:
+        await repo.close()
