@@ -68,7 +68,7 @@ def output_blob_name(job_id: str, output_name: str, ext: str) -> str:
 
 
 def result_file_name(input_file_name: str, output_name: str, ext: str) -> str:
-    """`<input stem>.<output name><ext>` (SPEC §1): data.csv + output1 → data.output1.csv."""
+    """`<input stem>.<output name><ext>`: data.csv + output1 → data.output1.csv."""
     _check_component(input_file_name, "input file name")
     _check_component(output_name, "output name")
     stem = PurePosixPath(input_file_name).stem or input_file_name
