@@ -128,6 +128,9 @@ def main() -> None:
             began = time.perf_counter()
             sampler = common.Sampler(proc.pid)
             ramp_reads_peak = 0.0
+            #: [seconds since start, invokes, ARM reads, ARM 429s] every ~30 s of the ramp
+            timeline: list[list[float]] = []
+            next_mark = began
             while (invokes := int(batch(emu)["invokes"])) < args.jobs:
                 if proc.poll() is not None:
                     raise SystemExit(f"daemon exited {proc.returncode} after {invokes} invokes:"
@@ -135,8 +138,12 @@ def main() -> None:
                 if time.perf_counter() - began > args.ramp_limit_s:
                     raise SystemExit(f"ramp too slow: {invokes} invoked")
                 sampler.sample_rss()
-                ramp_reads_peak = max(ramp_reads_peak,
-                                      float(batch(emu)["arm_reads_per_s_last_10s"]))
+                now_b = batch(emu)
+                ramp_reads_peak = max(ramp_reads_peak, float(now_b["arm_reads_per_s_last_10s"]))
+                if time.perf_counter() >= next_mark:
+                    timeline.append([round(time.perf_counter() - began, 1), now_b["invokes"],
+                                     now_b["arm_reads"], now_b["arm_throttled"]])
+                    next_mark += 30.0
                 time.sleep(2.0)
             ramp_s = time.perf_counter() - began
             ramp_cpu = sampler.cpu_share()
@@ -169,6 +176,7 @@ def main() -> None:
         "ramp_s": round(ramp_s, 1), "ramp_jobs_per_s": round(args.jobs / ramp_s, 1),
         "ramp_cpu_share": round(ramp_cpu, 3),
         "ramp_arm_reads_per_s_last_10s_max": ramp_reads_peak,
+        "ramp_timeline_s_invokes_reads_429s": timeline,
         "window_s": round(window_s, 1),
         "arm_reads_per_s": round(reads / window_s, 2),
         "arm_reads_per_s_last_10s_max": max(last10, default=0.0),
