@@ -270,14 +270,11 @@ class BatchEndpointBackend:
             raise _storage_error("download", exc) from None
 
         async def chunks() -> AsyncIterator[bytes]:
-            total = 0
             try:
                 async for data in downloader.chunks():
-                    total += len(data)
                     yield data
             except azure_errors.AzureError as exc:
                 raise _storage_error("download", exc) from None
-            metrics.bytes_downloaded.labels(self.name).inc(total)
 
         yield chunks()
 
