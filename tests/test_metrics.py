@@ -51,7 +51,8 @@ def mixed_run(root: Path, azurite: azurite_mod.Azurite, *, stuck_after_s: float 
             "poll": {"initial_s": 0.2, "multiplier": 1.5, "max_s": 1.0, "jitter": 0.1}})
         slow_watch = harness.table("[watch]", {"folder": "slowbox", "service": "slow",
                                                "settle_s": 0.2, "create": True})
-        http = harness.table("http", {"listen": f"127.0.0.1:{port}", "stuck_after_s": stuck_after_s})
+        http = harness.table("http", {"listen": f"127.0.0.1:{port}",
+                                      "stuck_after_s": stuck_after_s})
         setup = harness.make_setup(root, emulator_url=fast.url,
                                    storage_connection_string=azurite.connection_string,
                                    watch={"create": True},
