@@ -162,3 +162,11 @@ async def test_migrations_match_tables_py(database_url: str) -> None:
         await engine.dispose()
     assert differences == []
     assert views == [tables.JOB_HISTORY_VIEW]
+
+
+async def test_an_env_py_that_cannot_be_loaded_is_a_broken_install(
+    migrations_copy: Path, tmp_path: Path
+) -> None:
+    migrations_copy.joinpath("env.py").write_text("def broken(:\n")
+    with pytest.raises(migrate.MigrationsError, match=r"SyntaxError.*reinstall"):
+        await migrate.upgrade(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}")

@@ -109,6 +109,10 @@ def _run_upgrade(connection: sa.Connection, revision: str) -> None:
         command.upgrade(cfg, revision)
     except alembic_util.CommandError as exc:  # e.g. an unknown target revision
         raise MigrationsError(f"cannot migrate to {revision}: {_one_line(exc)}") from None
+    except (ImportError, SyntaxError) as exc:  # env.py, which Alembic loads only now
+        raise _broken(
+            f"the schema migrations in {MIGRATIONS_DIR} cannot be loaded ({_one_line(exc)})"
+        ) from None
 
 
 async def current_revision(engine: sa_asyncio.AsyncEngine) -> str | None:
