@@ -382,3 +382,13 @@ async def test_read_only_and_unknown_paths(seeded: Seeded) -> None:
                     assert r.status == 405, (method, path)
     rows = await seeded.repo.count_by_state()  # nothing changed
     assert rows[S.DONE] == 4 and rows[S.FAILED] == 1
+
+
+async def test_non_loopback_without_token_is_refused_by_the_server_too(seeded: Seeded) -> None:
+    settings = seeded.settings()
+    # The configuration refuses this (tests/test_config.py); built around it on purpose here.
+    http = config.HttpConfig.model_construct(listen="0.0.0.0:9464", token=None,
+                                             stuck_after_s=3600.0)
+    bad = settings.model_copy(update={"http": http})
+    with pytest.raises(errors.ConfigError, match=r"http\.listen: 0\.0\.0\.0 is not a loopback"):
+        await web_server.start(bad, seeded.repo, live=lambda: (True, ""), ready=_ready_ok)

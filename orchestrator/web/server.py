@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import hmac
+import ipaddress
 import json
 import re
 import time
@@ -60,6 +61,15 @@ _JOB_ID = re.compile(r"^[0-9a-f]{4,32}$")
 class Listen:
     host: str
     port: int
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _json_line(status: int, ok: bool, reason: str) -> web.Response:
@@ -257,6 +267,10 @@ async def start(
     http = settings.http
     listen = Listen(host=http.host, port=http.port)
     token = http.token.get() if http.token is not None else None
+    if token is None and not _is_loopback(listen.host):
+        # The configuration refuses this already; a second look costs nothing.
+        raise errors.ConfigError("http.listen", f"{listen.host} is not a loopback address: "
+                                 "give http.token_env, token_file or token_credential")
     metrics.register_process_metrics()
     app = _App(settings, repo, live=live, ready=ready, token=token,
                stuck_after_s=float(http.stuck_after_s))
