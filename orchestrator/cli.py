@@ -496,8 +496,8 @@ def jobs_show(config_path: Path, as_json: bool, job_id: str) -> None:
         console.print(f"[bold]{k:>13}[/bold]  {escape(str(v if v not in (None, {}) else '-'))}",
                       highlight=False, soft_wrap=not console.is_terminal)
     print_table(["at", "from", "to", "worker", "message"],
-                [[e["at"] or "", e["from"] or "", e["to"], e["worker"] or "", e["message"]]
-                 for e in evs])
+                [[e["at"] or "", e["from"] or "", e["to"] or "", e["worker"] or "",
+                  e["message"] or ""] for e in evs])
 
 
 @jobs_group.command(name="retry")

@@ -6,6 +6,7 @@ real folders; the end-to-end case runs the daemon, SIGKILLs it and deletes its d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from orchestrator import azurite as azurite_mod
 from orchestrator import clock, config, errors, fsutil, jobs, lifecycle, spool
 from orchestrator.db import migrate, repository
 from orchestrator.steps import claim
+from orchestrator.storage import naming
 from tests import harness
 from tests import test_crash as crash
 
@@ -250,3 +252,19 @@ def test_claim_of_a_vanished_input_fails_and_leaves_nothing_in_the_spool(tmp_pat
         claim._claim(job, src, claim.spool_path(spool_dir, job), spool_dir)
     assert info.value.code == "InputVanished"
     assert not spool_dir.exists() or not list(spool_dir.iterdir())
+
+
+def test_a_resumed_claim_removes_what_a_killed_one_left(tmp_path: Path) -> None:
+    src = tmp_path / "in" / "a.csv"
+    src.parent.mkdir()
+    src.write_text("Col1,Col2\n1,a\n")
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    job = dataclasses.replace(_job_for(src), attempts=2)
+    target = claim.spool_path(spool_dir, job)
+    left = [naming.temp_name(target), naming.temp_name(spool.record_path(spool_dir, job.id))]
+    for p in left:
+        p.write_text("half")
+    claim._claim(job, src, target, spool_dir)
+    assert sorted(p.name for p in spool_dir.iterdir()) == sorted(
+        [target.name, spool.record_path(spool_dir, job.id).name])

@@ -139,6 +139,9 @@ def _rename_in(job: jobs.Job, source: Path, target: Path, spool_dir: Path) -> tu
 
 
 def _claim(job: jobs.Job, source: Path, target: Path, spool_dir: Path) -> tuple[str, int]:
+    if job.attempts > 1:  # resumed: a killed attempt may have left hidden temp files
+        fsutil.remove_stale_temps(target)
+        fsutil.remove_stale_temps(spool.record_path(spool_dir, job.id))
     if target.exists():
         return _resume(job, source, target, spool_dir)
     try:
