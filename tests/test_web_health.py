@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 import urllib.error
@@ -55,8 +57,10 @@ class NotifySocket:
 
 
 @pytest.fixture
-def notify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifySocket]:
-    path = tmp_path / "notify.sock"
+def notify(monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifySocket]:
+    # A socket path must fit 108 bytes: a short folder, not the test's long tmp_path.
+    folder = Path(tempfile.mkdtemp(prefix="bes-notify-"))
+    path = folder / "sock"
     ns = NotifySocket(path)
     monkeypatch.setenv("NOTIFY_SOCKET", str(path))
     monkeypatch.setenv("WATCHDOG_USEC", "200000")  # a ping every 0.1 s
@@ -65,6 +69,7 @@ def notify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifySo
         yield ns
     finally:
         ns.close()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def probe(url: str, *, delay_s: float = 0.0, timeout_s: float = 2.0) -> tuple[int, str]:
