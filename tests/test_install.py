@@ -208,3 +208,13 @@ def test_readme_install_section_is_what_these_tests_run(inst: installed.Installe
     missing = [c for c in commands if c not in section]
     assert not missing, f"the README's install section lacks: {missing}"
     assert "bes-orchestrator[emulator]" in section
+
+
+def test_demo_without_azurite_says_how_to_get_it(inst: installed.Installed, work: Path) -> None:
+    # The installed package has no node_modules beside it, and neither has `work` nor PATH.
+    proc = run(inst, "demo", "--once", "--dir", str(work / "demo"), cwd=work)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    line = one_line_error(proc)
+    assert "azurite-blob not found" in line and "npm install -g azurite@" in line, line
+    assert "AZURITE_BLOB" in line, line
+    assert not (work / "demo").exists()  # refused before anything was written
