@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
 import signal
 import socket
@@ -78,6 +79,20 @@ def unit_for(inst: installed.Installed, config: Path) -> str:
     assert EXE in text and installed.README_CONFIG in text
     return (text.replace(installed.README_VENV, str(inst.venv))
             .replace(installed.README_CONFIG, str(config)))
+
+
+def test_sandbox_exposure_is_what_the_readme_says() -> None:
+    analyze = _systemd_analyze()
+    readme = (installed.ROOT / "README.md").read_text()
+    claimed = re.search(r"systemd-analyze security --offline=yes "
+                        r"systemd/bes-orchestrator.service` reports ([0-9.]+)", readme)
+    assert claimed, "the README no longer states the unit's exposure"
+    proc = subprocess.run([analyze, "security", "--offline=yes", str(UNIT)], capture_output=True,
+                          text=True, timeout=60, check=False)
+    measured = re.search(r"Overall exposure level for bes-orchestrator.service: ([0-9.]+)",
+                         proc.stdout + proc.stderr)
+    assert measured, proc.stdout + proc.stderr
+    assert measured.group(1) == claimed.group(1).rstrip(".")
 
 
 @pytest.fixture(scope="module")
