@@ -49,6 +49,10 @@ def test_status_page_in_chromium(tmp_path: Path, azurite: azurite_mod.Azurite,
             assert response is not None and response.status == 200
             page.wait_for_load_state("networkidle")
 
+            # The daemon's own health, as /healthz and /readyz answer.
+            assert page.locator("#health").inner_text() == "live · ready"
+            assert page.locator("#health .ok").count() == 2
+
             # The counts job_history holds, per service and state.
             counts: dict[tuple[str, str], int] = {}
             for h in history:

@@ -171,6 +171,7 @@ async def test_status_page_counts_escaping_and_headers(seeded: Seeded) -> None:
     # No inline script or handler anywhere in our markup.
     assert "<script>" not in body and "onerror=" not in body.replace("onerror=alert", "")
     assert '<script src="/static/status.js"></script>' in body
+    assert '<span class="ok">live</span> · <span class="ok">ready</span>' in body
     # Counts by service and state.
     assert '<tr data-service="svc"><th>svc</th>' in body
     row = body.split('<tr data-service="svc">')[1].split("</tr>")[0]
@@ -278,6 +279,10 @@ async def test_health_and_readiness(seeded: Seeded, monkeypatch: pytest.MonkeyPa
         ready_state["ok"] = False
         status, body, _ = await get(s, "/readyz")
         assert status == 503 and "database unreachable" in body
+        status, body, _ = await get(s, "/")  # the page says so too
+        assert status == 200
+        assert '<span class="badge">not live</span> task writer died' in body
+        assert '<span class="badge">not ready</span> database unreachable' in body
         _, text, _ = await get(s, "/metrics")
         assert samples(text)[("bes_orchestrator_ready", ())] == 0
         ready_state["hang"] = True

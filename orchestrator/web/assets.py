@@ -22,6 +22,8 @@ tr.stuck td { background: var(--warn-bg); }
 .badge { display: inline-block; padding: 0 .4rem; border-radius: .6rem; font-size: .8rem;
   background: var(--bad-bg); color: var(--bad); font-weight: 600; }
 .zero { color: var(--muted); }
+.ok { color: var(--ok); font-weight: 600; }
+.ok::before { content: "✓ "; }
 a { color: inherit; }
 svg.chart { width: 100%; max-width: 900px; height: auto; border: 1px solid var(--line); }
 svg.chart .grid { stroke: var(--line); stroke-width: 1; }

@@ -51,6 +51,8 @@ def _doc(title: str, body: str, *, script: bool) -> str:
 class StatusData:
     now: dt.datetime
     worker: str
+    live: tuple[bool, str]  #: what /healthz says
+    ready: tuple[bool, str]  #: what /readyz says
     counts: Mapping[tuple[str, str], int]
     per_minute: Sequence[queries.MinuteCount]
     in_flight: Sequence[queries.JobRow]
@@ -59,6 +61,13 @@ class StatusData:
     stuck: Sequence[queries.JobRow]
     stuck_after_s: float
     failures: Sequence[queries.JobRow]
+
+
+def _health(name: str, answer: tuple[bool, str]) -> str:
+    ok, reason = answer
+    if ok:
+        return f'<span class="ok">{e(name)}</span>'
+    return f'<span class="badge">not {e(name)}</span> {e(reason)}'
 
 
 def _job_link(job_id: str) -> str:
@@ -164,7 +173,8 @@ def status_page(d: StatusData) -> str:
     body = f"""\
 <header><button id="refresh" type="button">pause refresh</button>
 <h1>bes-orchestrator</h1>
-<p class="meta">daemon {e(d.worker)} · {e(when(d.now))} UTC · read-only</p></header>
+<p class="meta">daemon {e(d.worker)} · {e(when(d.now))} UTC · read-only</p>
+<p id="health">{_health("live", d.live)} · {_health("ready", d.ready)}</p></header>
 <main>
 <h2>Jobs by state</h2>
 {counts_table(d.counts)}

@@ -163,11 +163,14 @@ class _App:
         body = prom.generate_latest(metrics.REGISTRY)
         return web.Response(body=body, headers={"Content-Type": prom.CONTENT_TYPE_LATEST})
 
-    async def healthz(self, request: web.Request) -> web.Response:
+    def _live(self) -> tuple[bool, str]:
         try:
-            ok, reason = self.live()
-        except Exception as exc:
-            ok, reason = False, f"{type(exc).__name__}: {exc}"
+            return self.live()
+        except Exception as exc:  # a failing check is a failed check
+            return False, f"{type(exc).__name__}: {exc}"
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        ok, reason = self._live()
         return _json_line(200 if ok else 503, ok, reason)
 
     async def readyz(self, request: web.Request) -> web.Response:
@@ -186,7 +189,8 @@ class _App:
         failures = await queries.recent_failures(self.engine, limit=FAILURES_SHOWN)
         active = {s.value for s in lifecycle.ACTIVE_STATES}
         data = page.StatusData(
-            now=now, worker=self.settings.daemon.worker_id, counts=snap.jobs,
+            now=now, worker=self.settings.daemon.worker_id, live=self._live(),
+            ready=await self._ready(), counts=snap.jobs,
             per_minute=per_minute, in_flight=in_flight,
             in_flight_total=sum(n for (_, st), n in snap.jobs.items() if st in active),
             stuck_total=stuck_total, stuck=stuck, stuck_after_s=self.stuck_after_s,
