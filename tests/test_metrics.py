@@ -139,3 +139,16 @@ def test_metrics_equal_the_job_history(tmp_path: Path, azurite: azurite_mod.Azur
     assert value(got, "bes_orchestrator_jobs_held") == 2
     assert value(got, "bes_orchestrator_ready") == 1
     assert value(got, "process_resident_memory_bytes") > 0
+
+
+def test_no_secret_on_any_page(tmp_path: Path, azurite: azurite_mod.Azurite) -> None:
+    """The API key and the storage key never reach the endpoint's answers."""
+    with mixed_run(tmp_path, azurite) as run:
+        ids = [h["job_id"] for h in run.history()]
+        texts = [run.get(p) for p in ("/", "/metrics", "/healthz", "/readyz",
+                                      "/api/files-per-minute", *(f"/jobs/{i}" for i in ids))]
+    assert len(texts) == 5 + 7
+    for text in texts:
+        assert harness.API_KEY not in text
+        assert azurite_mod.ACCOUNT_KEY not in text and "AccountKey" not in text
+        assert "sig=" not in text
