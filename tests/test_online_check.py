@@ -91,3 +91,19 @@ def test_render_counts(ok: bool) -> None:
     text = online.render([row])
     assert text.splitlines()[-1] == ("1 of 1 checks match" if ok
                                      else "0 of 1 checks match; 1 do not")
+
+
+def test_rrs_service_is_checked_too(tmp_path: Path, azurite: azurite_mod.Azurite) -> None:
+    with harness.emulator("--outputs", "scored") as emu:
+        rrs = harness.table("services.small", {
+            "kind": "rrs", "base_url": emu.url, "workspace": "ws1", "service": "hashing",
+            "api_key_env": harness.API_KEY_ENV, "output_name": "output1"})
+        code, out, err = run_check(tmp_path, emu.url, azurite.connection_string, extra=rrs,
+                                   service={"outputs": {"scored": ".csv"}})
+    assert code == 1, out + err
+    bad = [r for r in rows(out) if r.startswith("MISMATCH")]
+    assert len(bad) == 2, bad  # the RRS service's output name, both ways
+    assert all("services.small" in r for r in bad)
+    assert any("output output1" in r for r in bad) and any("output scored" in r for r in bad)
+    assert any("services.svc" in r and "output scored" in r and r.startswith("ok ")
+               for r in rows(out))
