@@ -133,7 +133,7 @@ def _build_and_install(root: Path) -> Installed:
     commands.append(build)
     # sdist, then the wheel from the sdist; its isolated build environment gets setuptools
     # from the wheelhouse too
-    _offline_or_fill(build, cwd=ROOT, fill=["setuptools>=68"])
+    _offline_or_fill(build, cwd=ROOT, fill=["setuptools>=77"])
     timings["build"] = time.monotonic() - t0
     (wheel,) = dist.glob("*.whl")
     (sdist,) = dist.glob("*.tar.gz")

@@ -73,6 +73,12 @@ def test_wheel_holds_the_package_data_and_nothing_else(inst: installed.Installed
             "orchestrator/db/migrations/env.py", "orchestrator/db/migrations/script.py.mako",
             "orchestrator/samples/reviews-books.csv", *migrations}
     assert must <= names, f"missing from the wheel: {sorted(must - names)}"
+    # Every file of the package in git, code or data, is in the wheel (a new kind of data file
+    # needs a package-data pattern in pyproject.toml).
+    tracked = subprocess.run(["git", "ls-files", "-z", "orchestrator"], cwd=installed.ROOT,
+                             capture_output=True, text=True, check=True).stdout.split("\0")
+    tracked_files = {t for t in tracked if t and (installed.ROOT / t).is_file()}
+    assert tracked_files - names == set(), "in git, not in the wheel"
     tops = {n.split("/", 1)[0] for n in names}
     assert tops == {"orchestrator", f"bes_orchestrator-{installed.version()}.dist-info"}, tops
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]

@@ -40,8 +40,8 @@ def alembic_cfg() -> alembic_config.Config:
 
 def _broken(problem: str) -> MigrationsError:
     return MigrationsError(
-        f"{problem}: this bes-orchestrator install is incomplete; reinstall it "
-        "(pip install --force-reinstall bes-orchestrator)"
+        f"{problem}: this bes-orchestrator install is incomplete; reinstall it from its wheel "
+        "(pip install --force-reinstall <the .whl file>)"
     )
 
 
