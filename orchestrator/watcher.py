@@ -446,7 +446,7 @@ class FolderWatcher:
         out: list[Candidate | Rejected] = []
         if unmatched(folder.watches, name):
             known = self._ignored.setdefault(str(folder.path), set())
-            if name not in known and path.exists() and not path.is_dir():
+            if name not in known and _is_file_like(path):
                 known.add(name)
                 self._log_ignored(folder, name)
             return out
@@ -545,6 +545,14 @@ def _classify(name: str, watch: config.WatchConfig) -> str | None:
                          case_sensitive=bool(getattr(watch, "case_sensitive", False)))
 
 
+def _is_file_like(path: Path) -> bool:
+    """Present and not a folder (blocking; never raises)."""
+    try:
+        return not stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def unmatched(folder_watches: Sequence[config.WatchConfig], name: str) -> bool:
     """True when every watch on the folder refuses `name` for its pattern alone (not for being
     hidden or temporary): a file nobody will take, which deserves a word in the log."""
@@ -558,11 +566,18 @@ class _Scan:
     ignored: set[str]  #: names no watch's pattern accepts (directories left out)
 
 
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:  # gone or unreadable since the listing: `inspect` will say which
+        return False
+
+
 def _scan_folder(folder: _Folder) -> _Scan | None:
     """List and inspect every acceptable name in `folder` (blocking: run in a thread)."""
     try:
         with os.scandir(folder.path) as it:
-            entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+            entries = [(e.name, _is_dir(e)) for e in it]
     except OSError as exc:
         _log.warning("watch_folder_unlistable", folder=str(folder.path), error=exc.strerror)
         return None
