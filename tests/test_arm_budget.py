@@ -72,3 +72,27 @@ def test_past_bins_are_forgotten() -> None:
     for t in range(0, 1000, 10):
         b.reserve(float(t), now=float(t))
     assert len(b._used) < 20
+
+
+def test_polls_held_up_past_their_slots_are_spread_again_not_sent_together() -> None:
+    """5,000 jobs got slots over 250 s, but their executors were busy (an intake) until 300 s:
+    at 300 s all of them come at once. Each takes a fresh slot, so the reads still go out at
+    the rate instead of all at 300 s."""
+    b = budget.ReadBudget(20)
+    old = [b.reserve(0.0, now=0.0) for _ in range(5_000)]
+    fresh = [b.slot_for_poll(s, 300.0, may_reslot=True) for s in old]
+    assert min(fresh) >= 300.0
+    assert max(per_second(fresh).values()) == 20
+    assert max(fresh) == pytest.approx(550 - 1 / 20)
+
+
+def test_a_little_late_or_already_reslotted_polls_keep_their_slot() -> None:
+    b = budget.ReadBudget(20)
+    slot = b.reserve(10.0, now=0.0)
+    # Ordinary lateness: the slot is used as it is (no second reservation).
+    assert b.slot_for_poll(slot, slot + budget.MISSED_SLOT_S, may_reslot=True) == slot
+    # Late a second time after a fresh slot: it goes, so no job waits for ever.
+    assert b.slot_for_poll(slot, slot + 60.0, may_reslot=False) == slot
+    assert b.reserved == 1
+    # No slot yet: one is reserved now.
+    assert b.slot_for_poll(None, 20.0, may_reslot=False) == pytest.approx(20.0)

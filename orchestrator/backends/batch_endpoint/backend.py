@@ -105,6 +105,8 @@ class BatchEndpointBackend:
         self._resolving = asyncio.Lock()
         #: job id -> the monotonic time of its reserved ARM read (its next poll).
         self._slots: dict[str, float] = {}
+        #: Jobs whose slot was given up because they came late, and replaced once.
+        self._reslotted: set[str] = set()
         #: job id -> when an invoke for it may have taken effect (monotonic).
         self._invoked_at: dict[str, float] = {}
         self._started = time.monotonic()
@@ -207,12 +209,16 @@ class BatchEndpointBackend:
     def poll_wait_s(self, job: jobs.Job) -> float:
         """Seconds until this job's ARM read slot (0: poll now). Reserves one if it has none."""
         now = time.monotonic()
-        slot = self._slots.get(job.id)
-        if slot is None:
-            slot = self._slots[job.id] = self.budget.reserve(now, now)
+        old = self._slots.get(job.id)
+        slot = self.budget.slot_for_poll(old, now, may_reslot=job.id not in self._reslotted)
+        if slot != old:
+            self._slots[job.id] = slot
+            if old is not None:
+                self._reslotted.add(job.id)
         if slot - now > SLOT_SLACK_S:
             return slot - now
         del self._slots[job.id]
+        self._reslotted.discard(job.id)
         return 0.0
 
     def next_poll_delay_s(self, job: jobs.Job, wanted_s: float) -> float:
@@ -223,6 +229,7 @@ class BatchEndpointBackend:
 
     def forget(self, job: jobs.Job) -> None:
         self._slots.pop(job.id, None)
+        self._reslotted.discard(job.id)
         self._invoked_at.pop(job.id, None)
 
     async def status(self, job: jobs.Job) -> base.Report:

@@ -24,6 +24,10 @@ LOW_REMAINING_READS = 100
 MIN_FACTOR = 0.1
 #: Longest pause honoured from one Retry-After (a broken header must not stop polling for days).
 MAX_PAUSE_S = 600.0
+#: A poll that comes more than this late for its slot (its executor was held up) does not use
+#: it. Lateness below it is ordinary scheduling (the daemon's own target is under 2 s) and goes
+#: out as is: at worst a few seconds' slots in one, well inside ARM's bucket of about 250.
+MISSED_SLOT_S = 2.0
 
 
 class ReadBudget:
@@ -76,6 +80,19 @@ class ReadBudget:
         self.reserved += 1
         slot = b * BIN_S + (used % cap) * BIN_S / cap  # spread evenly inside the bin
         return max(start, slot)
+
+    def slot_for_poll(self, slot: float | None, now: float, *, may_reslot: bool) -> float:
+        """The slot a poll about to run goes out at: a fresh one when it has none, or when it
+        missed its slot by more than MISSED_SLOT_S and `may_reslot`; else its own.
+
+        A missed slot is not used late: polls held up together (the executors busy with an
+        intake of thousands of files) would otherwise all go out the moment they are freed, a
+        burst far over the rate, and ARM answers 429. A fresh slot puts each at the end of the
+        calendar. The caller allows this once per slot it reserved, so a job whose executor is
+        always a little late still polls on its second try."""
+        if slot is None or (may_reslot and slot < now - MISSED_SLOT_S):
+            return self.reserve(now, now)
+        return slot
 
     def _find(self, b: int) -> int:
         """First bin at or after `b` with room, compressing the jump chain behind it."""
