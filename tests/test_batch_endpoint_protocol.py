@@ -20,7 +20,8 @@ def test_invoke_body_has_one_uri_file_each_way_our_tags_and_only_given_overrides
     assert props["InputData"] == {"heart_dataset": {
         "JobInputType": "UriFile", "Uri": "azureml://datastores/ds/paths/p/j1/1/in/a.csv"}}
     assert props["OutputData"]["score"]["JobOutputType"] == "UriFile"
-    assert props["Tags"] == {"bes-orchestrator.job": "j1", "bes-orchestrator.attempt": "1"}
+    assert props["Tags"] == {"bes-orchestrator.job": "j1", "bes-orchestrator.attempt": "1",
+                             "bes-orchestrator.job.j1": "1"}  # the key a lookup asks ARM for
     assert props["MiniBatchSize"] == 10
     assert props["RetrySettings"] == {"MaxRetries": 3, "Timeout": "PT30S"}
     assert "Compute" not in props and "ErrorThreshold" not in props

@@ -119,9 +119,11 @@ class BatchEndpointClient:
         return self._job(result, "status")
 
     async def find_job(self, job_id: str, attempt: str) -> protocol.JobResource | None:
-        """The remote job invoked for our job's attempt, looked up by its tags (all pages)."""
+        """The remote job invoked for our job's attempt, looked up by its tags (all pages of the
+        jobs carrying the job's own tag key: its attempts, normally one page)."""
         url: str | None = f"{self.workspace_url}/jobs"
-        params: dict[str, str] | None = {"api-version": self.api_version, "tag": protocol.TAG_JOB}
+        params: dict[str, str] | None = {"api-version": self.api_version,
+                                         "tag": protocol.lookup_tag(job_id)}
         for _ in range(MAX_PAGES):
             if url is None:
                 return None

@@ -24,6 +24,10 @@ from typing import Any
 #: Tags that name our submission on the remote job: an uncertain invoke is resolved by them.
 TAG_JOB = "bes-orchestrator.job"
 TAG_ATTEMPT = "bes-orchestrator.attempt"
+#: ARM filters the job list by tag *key* only (`jobs?tag=<key>`). Asked for TAG_JOB, it answers
+#: every job the daemon ever invoked in the workspace, page after page, finished ones included.
+#: So each job also carries a tag whose key names it, and a lookup asks for that key: one page.
+TAG_LOOKUP_PREFIX = "bes-orchestrator.job."
 #: Server messages are cut to this length before they go into an error.
 MAX_MESSAGE_CHARS = 800
 _JOB_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,255}$")
@@ -153,7 +157,7 @@ def build_invoke_body(
     props: dict[str, Any] = {
         "InputData": {input_name: {"JobInputType": "UriFile", "Uri": input_uri}},
         "OutputData": {output_name: {"JobOutputType": "UriFile", "Uri": output_uri}},
-        "Tags": {TAG_JOB: job_id, TAG_ATTEMPT: attempt},
+        "Tags": {TAG_JOB: job_id, TAG_ATTEMPT: attempt, lookup_tag(job_id): attempt},
     }
     if overrides.mini_batch_size is not None:
         props["MiniBatchSize"] = overrides.mini_batch_size
@@ -169,6 +173,11 @@ def build_invoke_body(
     if retry:
         props["RetrySettings"] = retry
     return {"properties": props}
+
+
+def lookup_tag(job_id: str) -> str:
+    """The tag key only this job's remote jobs carry (its value is the attempt)."""
+    return f"{TAG_LOOKUP_PREFIX}{job_id}"
 
 
 def matches(job: JobResource, job_id: str, attempt: str) -> bool:
