@@ -10,7 +10,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -245,3 +245,30 @@ def test_error_file_is_sentences_a_person_can_read() -> None:
     assert cancelled.splitlines()[0] == "The job for x.csv was cancelled."
     assert "It was cancelled on request (bes-orchestrator jobs cancel)." in cancelled
     assert "no reason was recorded" not in cancelled and "Error code: -" not in cancelled
+
+
+@pytest.mark.postgres
+def test_status_reads_only_the_database_password(tmp_path: Path, pg_url: str) -> None:
+    """PostgreSQL with a password: the one secret a database-only command reads."""
+    asyncio.run(_make_db(pg_url, ["a.csv"]))
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(CONFIG.replace('url = "sqlite+aiosqlite:///{db}"',
+                                  f'url = "{pg_url}"\npassword_env = "BES_TEST_CLI_DB_PW"'))
+    env = {**_env(), "BES_TEST_CLI_DB_PW": "trust-auth-ignores-it"}
+    proc = _cli(cfg, "status", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["counts"]["claimed"] == 1
+    proc = _cli(cfg, "status")  # without it: one line naming the database's key
+    assert proc.returncode == 78 and "database.password_env" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    from tests import conftest
+
+    name = await conftest._create_pg_database()
+    try:
+        yield conftest._pg_url(name)
+    finally:
+        await conftest._drop_pg_database(name)
