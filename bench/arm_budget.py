@@ -90,6 +90,28 @@ def batch(emu: common.Emulator) -> dict[str, Any]:
     return stats
 
 
+class Trace:
+    """ARM reads (and 429s) between consecutive ~2 s samples of the emulator's counters."""
+
+    def __init__(self, emu: common.Emulator) -> None:
+        self.emu = emu
+        self.last: tuple[float, int, int] | None = None
+        self.rates: list[tuple[float, float, int]] = []  # (t, reads/s, 429s)
+
+    def sample(self, t: float) -> dict[str, Any]:
+        b = batch(self.emu)
+        reads, throttled = int(b["arm_reads"]), int(b["arm_throttled"])
+        if self.last is not None and t > self.last[0]:
+            self.rates.append((round(t, 1), round((reads - self.last[1]) / (t - self.last[0]), 1),
+                               throttled - self.last[2]))
+        self.last = (t, reads, throttled)
+        return b
+
+    def busiest(self, n: int) -> list[tuple[float, float, int]]:
+        """[seconds since start, reads/s over that ~2 s, 429s in it] of the n busiest."""
+        return sorted(self.rates, key=lambda r: -r[1])[:n]
+
+
 def status_rows(setup: common.Setup) -> list[dict[str, Any]]:
     """What `status --json` says about the service's effective poll interval."""
     proc = subprocess.run([*harness.cli_cmd(), "status", "--json", "-c", str(setup.config)],
@@ -131,6 +153,7 @@ def main() -> None:
             #: [seconds since start, invokes, ARM reads, ARM 429s] every ~30 s of the ramp
             timeline: list[list[float]] = []
             next_mark = began
+            trace = Trace(emu)
             while (invokes := int(batch(emu)["invokes"])) < args.jobs:
                 if proc.poll() is not None:
                     raise SystemExit(f"daemon exited {proc.returncode} after {invokes} invokes:"
@@ -138,7 +161,7 @@ def main() -> None:
                 if time.perf_counter() - began > args.ramp_limit_s:
                     raise SystemExit(f"ramp too slow: {invokes} invoked")
                 sampler.sample_rss()
-                now_b = batch(emu)
+                now_b = trace.sample(time.perf_counter() - began)
                 ramp_reads_peak = max(ramp_reads_peak, float(now_b["arm_reads_per_s_last_10s"]))
                 if time.perf_counter() >= next_mark:
                     timeline.append([round(time.perf_counter() - began, 1), now_b["invokes"],
@@ -150,6 +173,7 @@ def main() -> None:
             settle_end = time.perf_counter() + args.settle
             while time.perf_counter() < settle_end:
                 sampler.sample_rss()
+                trace.sample(time.perf_counter() - began)
                 time.sleep(2.0)
             window = common.Sampler(proc.pid)
             b0 = batch(emu)
@@ -159,7 +183,8 @@ def main() -> None:
             end = t0 + args.window
             while time.perf_counter() < end:
                 window.sample_rss()
-                last10.append(float(batch(emu)["arm_reads_per_s_last_10s"]))
+                last10.append(float(trace.sample(time.perf_counter() - began)
+                                    ["arm_reads_per_s_last_10s"]))
                 if not polling and time.perf_counter() > t0 + args.window / 2:
                     polling = status_rows(setup)
                 time.sleep(2.0)
@@ -185,6 +210,8 @@ def main() -> None:
         "arm_throttled_window": int(b1["arm_throttled"]) - int(b0["arm_throttled"]),
         "arm_throttled_total": b1["arm_throttled"], "target_arm_throttled": 0,
         "arm_reads_total": b1["arm_reads"], "invokes": b1["invokes"],
+        "busiest_2s_reads_per_s_at": trace.busiest(3),
+        "list_pages": b1["list_pages"], "dropped": b1["dropped"], "http_503": b1["http_503"],
         "submissions_invoked_twice": b1["submissions_invoked_twice"],
         "emulator_jobs_by_state": {k: v for k, v in b1["jobs_by_state"].items() if v},
         "status_batch_endpoint_polling": polling,
