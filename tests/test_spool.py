@@ -54,7 +54,7 @@ async def _claimed(repo: repository.Repository, settings: config.Settings,
 
 
 async def test_recover_registers_spooled_inputs_without_a_job_row(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database_url: str
 ) -> None:
     first = f"sqlite+aiosqlite:///{tmp_path / 'first.db'}"
     settings = _settings(tmp_path, first, monkeypatch)
@@ -87,8 +87,8 @@ async def test_recover_registers_spooled_inputs_without_a_job_row(
     unknown = spool_dir / f"{'c' * 32}.csv"
     unknown.write_text("Col1,Col2\n3,c\n")
 
-    # The database is lost: a new, empty one.
-    second = f"sqlite+aiosqlite:///{tmp_path / 'second.db'}"
+    # The database is lost: a new, empty one (SQLite or PostgreSQL).
+    second = database_url
     settings2 = _settings(tmp_path, second, monkeypatch)
     repo = await _fresh_repo(second)
     try:
