@@ -6,9 +6,10 @@ no coroutine. Results go through the batch writer as guarded transitions; a guar
 means another worker (or a person) owns the job now, and it is dropped from memory without
 guessing, unless another step of this worker has moved it on meanwhile.
 
-The parts: `scheduler.Scheduler` (when each job runs), `slots.Slots` (per-service
-`max_in_flight`), `intake_buffer.FileIntake` (watched folders to job rows) and this module
-(held jobs, step execution and error policy, the claim loop, heartbeat and self-check).
+The parts: `held.Held` (the held jobs and where each is), `scheduler.Scheduler` (when each
+job runs), `slots.Slots` (per-service `max_in_flight`), `step_errors` (what an exception
+means), `leases.Leases` (claim loop, heartbeat, self-check), `intake_buffer.FileIntake`
+(watched folders to job rows), and this module: the executors and applying their results.
 `daemon.py` wires them and supervises the tasks `tasks()` returns; docs/architecture.md,
 "The worker's parts", walks one job through them.
 """
@@ -415,7 +416,6 @@ class Worker:
 
 
 def _is_rejected(exc: BaseException) -> bool:
-    """The writer's "this item can never apply" (writer.ItemRejected)."""
-    rejected = getattr(writer, "ItemRejected", None)
-    return rejected is not None and isinstance(exc, rejected)
+    """The writer's "this item can never apply"."""
+    return isinstance(exc, writer.ItemRejected)
 
