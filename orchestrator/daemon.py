@@ -157,26 +157,30 @@ class Daemon:
 
     # -- running -----------------------------------------------------------------------------
     async def run(self) -> Outcome:
-        await self._register()
-        try:
-            return await self._run_registered()
-        finally:
-            # Once: frees the leases and the worker id; not on a database that is gone
-            # (SQLite would create an empty file in its place).
-            await self.worker.close(release=not self.supervisor.fatal)
-
-    async def _run_registered(self) -> Outcome:
-        d = self.settings.daemon
-        await self._recover_spool()
-        server = self.server = await self._start_http()
         loop = asyncio.get_running_loop()
         handled: list[signal.Signals] = []
-        if self._handle_signals:
+        if self._handle_signals:  # from the start: a SIGHUP while starting must not kill us
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
                 handled.append(sig)
             loop.add_signal_handler(signal.SIGHUP, self.reload)
             handled.append(signal.SIGHUP)
+        try:
+            await self._register()
+            try:
+                return await self._run_registered()
+            finally:
+                # Once: frees the leases and the worker id; not on a database that is gone
+                # (SQLite would create an empty file in its place).
+                await self.worker.close(release=not self.supervisor.fatal)
+        finally:
+            for sig in handled:
+                loop.remove_signal_handler(sig)
+
+    async def _run_registered(self) -> Outcome:
+        d = self.settings.daemon
+        await self._recover_spool()
+        server = self.server = await self._start_http()
         exit_code = 0
         try:
             connector = aiohttp.TCPConnector(limit=d.http_connections, limit_per_host=0)
@@ -192,8 +196,6 @@ class Daemon:
                     await self.worker.close(release=not self.supervisor.fatal)
                     await self._close_context(ctx)
         finally:
-            for sig in handled:
-                loop.remove_signal_handler(sig)
             if server is not None:
                 await server.stop()
         counts = {} if self.supervisor.fatal else await self.repo.count_by_state()

@@ -127,6 +127,7 @@ class Worker:
         self._ctx = ctx
         n = self.settings.daemon.executors
         metrics.executors.set(n)
+        self._writer.start()
         return {
             "writer": self._run_writer(),
             "timer": self.scheduler.run(),
@@ -396,7 +397,6 @@ class Worker:
     async def _run_writer(self) -> None:
         """The batch writer's task, supervised like the others. Cancelling this does not stop
         the writer: `close()` flushes it after the executors are gone."""
-        self._writer.start()
         task: asyncio.Task[None] | None = getattr(self._writer, "_task", None)
         if task is None:  # pragma: no cover - the writer always has its task once started
             raise RuntimeError("the batch writer has no task")
