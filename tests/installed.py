@@ -3,9 +3,9 @@ outside the checkout, `pip install -c constraints.txt <wheel>[emulator]`. Built 
 session and shared by tests/test_install.py and tests/test_systemd_unit.py.
 
 The commands are the README's "Install" section (test_install checks the README holds them).
-To stay fast, pip installs from a local wheelhouse (`PIP_NO_INDEX`/`PIP_FIND_LINKS` in its
-environment, so the command line stays the README's); the wheelhouse is filled from the package
-index the first time, or whenever the constraints change.
+To stay fast and off the network, pip installs from the wheelhouse `scripts/dev-setup` fills
+(`PIP_NO_INDEX`/`PIP_FIND_LINKS` in its environment, so the command line stays the README's);
+if it lacks something, the missing wheels are downloaded into it first.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from tests import harness
 ROOT = Path(__file__).resolve().parent.parent
 CONSTRAINTS = ROOT / "constraints.txt"
 #: Downloaded dependency wheels, kept between runs (outside the checkout, and outside .venv so a
-#: clean clone on the same machine reuses them). BES_TEST_WHEELHOUSE overrides it.
+#: clean clone on the same machine reuses them); the same default as scripts/dev-setup, and the
+#: same override, BES_TEST_WHEELHOUSE.
 WHEELHOUSE = Path(os.environ.get(
     "BES_TEST_WHEELHOUSE", Path.home() / ".cache" / "bes-orchestrator" / "wheelhouse"))
 #: The README's names for what the test puts in a temporary folder.
