@@ -118,15 +118,26 @@ class Held:
                 or self.slots.is_parked(job_id))
 
     def adopt(self, job: jobs.Job) -> str:
-        """A job just claimed: "new", "held" (already held and tracked: left as it is), or
-        "orphan" (held but tracked nowhere: taken from the claimed row and scheduled).
+        """A job just claimed: "new", "held" (already held and tracked: left as it is),
+        "changed" (held and waiting, but the claimed row is in another state: the row replaces
+        it), or "orphan" (held but tracked nowhere: taken from the claimed row and scheduled).
 
         A job already held had its lease lapse in the database (a late heartbeat, a clock
         step) and the claim renewed it, but a step may be running it now: a second copy would
         run that step twice and the slower one's lost guard would strand the job."""
         known = job.id in self._jobs
         if known and self.tracked(job.id):
-            return "held"
+            held = self._jobs[job.id]
+            if job.state is held.state or job.id in self._running:
+                # Same row, or a step is running it: that step's guarded write settles it
+                # (a lost guard drops the job, and the self-check adopts it from the database).
+                return "held"
+            # Moved by someone else while it waited here (a person's `jobs cancel`, which
+            # frees the lease): the database's row wins, and it is due now.
+            self.drop(job.id)
+            self.update(job)
+            self.scheduler.schedule(job.id, 0.0)
+            return "changed"
         self.update(job)
         if job.id in self._jobs:
             delay = (job.next_run_at - clock.now()).total_seconds()

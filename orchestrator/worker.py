@@ -179,6 +179,8 @@ class Worker:
         how = self.held.adopt(job)
         if how == "held":
             log.debug("job_reclaimed_while_held", job_id=job.short_id)
+        elif how == "changed":
+            log.info("job_changed_while_held", job_id=job.short_id, state=job.state.value)
         elif how == "orphan":
             log.warning("job_orphan_recovered", job_id=job.short_id, state=job.state.value,
                         found="reclaimed")

@@ -83,6 +83,13 @@ async def count_by_state(conn: sa_asyncio.AsyncConnection) -> dict[lifecycle.Job
     return counts
 
 
+async def leased_jobs(conn: sa_asyncio.AsyncConnection, worker_id: str) -> list[jobs.Job]:
+    """Active jobs whose lease `worker_id` holds (the worker's self-check compares them with
+    what it holds in memory)."""
+    query = sa.select(_JOBS).where(_JOBS.c.state.in_(_ACTIVE), _JOBS.c.lease_owner == worker_id)
+    return [rows.job(r._mapping) for r in await conn.execute(query)]
+
+
 async def oldest_active(conn: sa_asyncio.AsyncConnection) -> jobs.Job | None:
     query = (
         sa.select(_JOBS)

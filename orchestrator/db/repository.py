@@ -213,6 +213,11 @@ class Repository:
         async with self._read() as conn:
             return await queries.oldest_active(conn)
 
+    async def leased_jobs(self, worker_id: str) -> list[jobs.Job]:
+        """Active jobs leased to `worker_id` (for its self-check)."""
+        async with self._read() as conn:
+            return await queries.leased_jobs(conn, worker_id)
+
     async def history(self, *, limit: int = 1000) -> list[dict[str, Any]]:
         """Rows of the `job_history` view, newest first."""
         async with self._read() as conn:
