@@ -3,9 +3,10 @@
     .venv/bin/python bench/vs_sequential.py [--files 50] [--run-time 1,2] [--max-running 20]
 
 Both clients push the same files through one emulator (`--run-time-s 1,2 --max-running 20`).
-The sequential client is written from SPEC §2: upload with the blob SDK, submit, start, poll
-every 1 s, download from the SAS URL in `Results` with aiohttp — one file after another. The
-daemon runs `run --once` with max_in_flight 20 and a poll policy for short jobs.
+The sequential client follows the BES protocol as the seed script did: upload with the
+blob SDK, submit, start, poll every 1 s, download from the SAS URL in `Results` with
+aiohttp — one file after another. The daemon runs `run --once` with max_in_flight 20 and
+a poll policy for short jobs.
 Prints one JSON line with both wall times and the ratio (target: daemon ≥ 20× faster).
 """
 

@@ -1,4 +1,4 @@
-"""Folder watcher: which files in the watched folders are ready to be claimed (SPEC §1).
+"""Folder watcher: which files in the watched folders are ready to be claimed.
 
 A file is offered (`Candidate`) once its name is acceptable and its size and mtime have not
 changed for the watch's `settle_s`. Files that can never be taken although their name matches
@@ -45,7 +45,8 @@ from orchestrator import clock, config, logs
 #: Name endings of files still being written by downloaders and copy tools (compared lowercased).
 TEMP_SUFFIXES: tuple[str, ...] = (".tmp", ".part", ".partial", ".crdownload")
 #: watchfiles batches events until STEP_MS pass without one, for at most DEBOUNCE_MS. The library
-#: defaults (1,600 / 50) delay a trickle by up to 1.6 s (DESIGN.md, measured).
+#: defaults (1,600 / 50) delay a trickle by up to 1.6 s (measured on a 2-core box: with 200 / 5
+#: a steady trickle was seen in 8 ms p50).
 DEBOUNCE_MS = 20
 STEP_MS = 5
 #: A batch this large hints that the kernel queue (16,384 events) may have overflowed…

@@ -191,6 +191,8 @@ def check_outcome(s: harness.Setup, expected: dict[str, list[str]], stats: dict[
         check_chain(job_id, chain)
 
 
+# Ten kills and restarts over 200 files take 80–110 s on a loaded 2-core box.
+@pytest.mark.timeout(300)
 def test_sigkill_at_random_moments_loses_nothing(
     tmp_path: Path, azurite: azurite_mod.Azurite
 ) -> None:
