@@ -79,10 +79,6 @@ class Context:
     def backend(self, name: str) -> base.Backend:
         return self.backends[name]
 
-    def client(self, name: str) -> base.Backend:
-        """The service's backend (older name of `backend`, kept for callers of `cancel`)."""
-        return self.backends[name]
-
 
 async def open_context(
     settings: config.Settings, session: aiohttp.ClientSession, *, rng: random.Random

@@ -12,7 +12,7 @@ import contextlib
 from pathlib import Path
 
 from orchestrator import clock, errors, fsutil, jobs, lifecycle, spool, steps
-from orchestrator.steps import download, upload
+from orchestrator.steps import download
 from orchestrator.storage import naming
 
 
@@ -108,16 +108,22 @@ def _result_paths(job: jobs.Job, ctx: steps.Context) -> dict[str, str]:
     return paths
 
 
+def _archive(job: jobs.Job, spool_dir: Path) -> str | None:
+    """Archive the input; a `jobs retry` that resumed after a local failure found it in the
+    failed folder beside an error file that no longer tells the truth: that file goes."""
+    src = Path(job.input_path)
+    if src.parent == Path(job.failed_dir):
+        stale = naming.safe_child(src.parent, naming.error_file_name(src.name))
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+    return _move_input(job, Path(job.archive_dir), spool_dir)
+
+
 async def done(job: jobs.Job, ctx: steps.Context) -> steps.StepResult:
-    where = await asyncio.to_thread(_move_input, job, Path(job.archive_dir),
-                                  ctx.settings.daemon.spool_dir)
+    where = await asyncio.to_thread(_archive, job, ctx.settings.daemon.spool_dir)
     if ctx.settings.storage.delete_blobs_after_success:
-        service = ctx.service(job.service)
-        names = [upload.input_blob(job, service.input_name)] + [
-            naming.output_blob_name(job.id, n, ext) for n, ext in service.outputs.items()
-        ]
         with contextlib.suppress(errors.TransientError):
-            await ctx.blobs.delete_blobs(names)
+            await ctx.backend(job.service).cleanup(job)
     return steps.Advance(
         to=lifecycle.JobState.DONE,
         message=f"input archived to {where}",
@@ -137,7 +143,7 @@ async def fail(job: jobs.Job, ctx: steps.Context) -> steps.StepResult:
 
 async def cancel(job: jobs.Job, ctx: steps.Context) -> steps.StepResult:
     if job.bes_job_id is not None:
-        await ctx.client(job.service).cancel(job.bes_job_id)
+        await ctx.backend(job.service).cancel(job.bes_job_id)
     where = await asyncio.to_thread(_fail_files, job, lifecycle.JobState.CANCELLED,
                                     _result_paths(job, ctx), ctx.settings.daemon.spool_dir)
     return steps.Advance(

@@ -10,12 +10,6 @@ import asyncio
 from pathlib import Path
 
 from orchestrator import errors, jobs, lifecycle, steps
-from orchestrator.backends.bes import backend as bes_backend
-
-
-def input_blob(job: jobs.Job, input_name: str) -> str:
-    """The job's input blob name (kept here for callers that clean up after a job)."""
-    return bes_backend.input_blob(job, input_name)
 
 
 async def run(job: jobs.Job, ctx: steps.Context) -> steps.StepResult:
