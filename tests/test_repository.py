@@ -889,6 +889,7 @@ def test_retry_after_unwritable_results_fetches_them_without_a_second_bes_job(
         [job] = s.history()
         assert (job["state"], job["error_code"]) == ("failed", "ResultUnwritable"), job
         assert emu.stats()["submits"] == 1
+        assert (s.failed / "x.csv.error.txt").exists()
         (tmp_path / "blocked").unlink()
         s.cli("jobs", "retry", job["job_id"][:8])
         s.cli("run", "--once", timeout=60)
@@ -900,6 +901,7 @@ def test_retry_after_unwritable_results_fetches_them_without_a_second_bes_job(
         crash.check_result(result, texts)
         assert (s.archive / "x.csv").read_text() == crash.csv_text(texts)
         assert not (s.failed / "x.csv").exists()
+        assert not (s.failed / "x.csv.error.txt").exists()  # it no longer tells the truth
         with sqlite3.connect(tmp_path / "state.db") as db:
             moves = db.execute("SELECT from_state, to_state, message FROM job_events "
                                "WHERE job_id = ? ORDER BY id", (job["job_id"],)).fetchall()
