@@ -99,6 +99,8 @@ jobs = sa.Table(
     sa.Index("ix_jobs_state_next_run_at", "state", "next_run_at"),
     sa.Index("ix_jobs_lease_owner", "lease_owner"),
     sa.Index("ix_jobs_created_at", "created_at"),
+    #: The scrape-time gauges read only this index.
+    sa.Index("ix_jobs_gauges", "state", "service", "bes_status", "created_at", "submitted_at"),
 )
 
 job_events = sa.Table(
