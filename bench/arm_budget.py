@@ -135,6 +135,8 @@ def main() -> None:
                     help="seconds after the last invoke before the window")
     ap.add_argument("--window", type=float, default=60.0)
     ap.add_argument("--ramp-limit-s", type=float, default=1800.0)
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="py-spy output of the window (.txt: collapsed stacks)")
     args = ap.parse_args()
     identity_header = secrets.token_urlsafe(16)
     with tempfile.TemporaryDirectory(prefix="bench-arm-") as tmp, common.azurite() as az, \
@@ -180,6 +182,8 @@ def main() -> None:
             t0 = time.perf_counter()
             last10: list[float] = []
             polling: list[dict[str, Any]] = []
+            spy = (common.start_py_spy(proc.pid, args.profile)
+                   if args.profile is not None else None)
             end = t0 + args.window
             while time.perf_counter() < end:
                 window.sample_rss()
@@ -189,6 +193,8 @@ def main() -> None:
                     polling = status_rows(setup)
                 time.sleep(2.0)
             cpu = window.cpu_share()
+            if spy is not None:
+                common.stop_py_spy(spy)
             b1 = batch(emu)
             window_s = time.perf_counter() - t0
             load1 = os.getloadavg()
