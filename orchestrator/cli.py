@@ -149,7 +149,8 @@ async def open_repo(
         raise _database_error(settings, exc) from None
     if check:
         try:
-            await repo.check_schema()
+            # The database-only commands (`existing`) need not load Alembic's scripts.
+            await repo.check_schema(quick=existing)
         except (OSError, sa_exc.SQLAlchemyError) as exc:
             await repo.close()
             raise _database_error(settings, exc) from None

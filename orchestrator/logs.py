@@ -9,13 +9,15 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterable, MutableMapping
-from typing import Any
-
-import structlog
+from typing import Any, TextIO
 
 from orchestrator import redact
 
 _known_secrets: set[str] = set()
+#: What `configure` was asked for, applied when the first logger is made: structlog (which pulls
+#: in rich and pygments, ~0.1 s) is imported only by a command that logs, not by `status`.
+_pending: tuple[bool, str, TextIO] | None = None
+_structlog_ready = False
 
 
 def register_secrets(values: Iterable[str]) -> None:
@@ -51,9 +53,24 @@ def redact_processor(
 
 
 def configure(*, json: bool | None = None, level: str = "info") -> None:
-    """Call once at start-up. `json=None`: JSON unless stderr is a terminal."""
+    """Call once at start-up. `json=None`: JSON unless stderr is a terminal. Takes effect at
+    once if a logger was made already, else when the first one is (`get`)."""
+    global _pending
     if json is None:
         json = not sys.stderr.isatty()
+    _pending = (json, level, sys.stderr)
+    if _structlog_ready:
+        _apply_pending()
+
+
+def _apply_pending() -> None:
+    global _pending
+    if _pending is None:
+        return
+    json, level, stream = _pending
+    _pending = None
+    import structlog
+
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -64,17 +81,22 @@ def configure(*, json: bool | None = None, level: str = "info") -> None:
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if json
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
 
 
 def get(name: str = "bes") -> Any:
+    global _structlog_ready
+    import structlog
+
+    _structlog_ready = True
+    _apply_pending()
     return structlog.get_logger(name)

@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.ext import asyncio as sa_asyncio
 
@@ -155,10 +154,16 @@ class PostgreSQL(Dialect):
     name = "postgresql"
     id_chunk = 1_000_000  # one array parameter: no limit worth chunking for
 
+    # sqlalchemy.dialects.postgresql is imported where used: a SQLite install (and every
+    # `status`) need not load it.
     def insert(self, table: sa.Table) -> Any:
+        from sqlalchemy.dialects import postgresql
+
         return postgresql.insert(table)
 
     def id_in(self, column: sa.ColumnElement[str], ids: Sequence[str]) -> sa.ColumnElement[bool]:
+        from sqlalchemy.dialects import postgresql
+
         # One array parameter: one prepared statement whatever the batch size.
         return column == sa.any_(sa.bindparam("ids", list(ids), type_=postgresql.ARRAY(sa.Text)))
 
@@ -183,6 +188,8 @@ class PostgreSQL(Dialect):
     ) -> None:
         """One `UPDATE … FROM unnest(arrays)` per group, not one statement per row (asyncpg's
         executemany of 1,000 updates took ~140-400 ms; this takes a few)."""
+        from sqlalchemy.dialects import postgresql
+
         for columns, params in groups.items():
             names = ("b_id", "b_expected", "b_owner", *columns)
             arrays = [

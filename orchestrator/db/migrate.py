@@ -1,22 +1,27 @@
 """Schema migrations (Alembic), driven from Python so `bes-orchestrator migrate` needs no
-alembic.ini in the working directory, and the schema check the daemon runs at start-up."""
+alembic.ini in the working directory, and the schema check the daemon runs at start-up.
+
+Alembic (with Mako and Pygments) is imported only by the functions that need it: the database-
+only commands (`status`, `jobs`) use `check(engine, quick=True)`, which reads the revision
+chain from the scripts' text and loads Alembic only when that does not settle it."""
 
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-from alembic import command
-from alembic import config as alembic_config
-from alembic import script as alembic_script
-from alembic import util as alembic_util
-from sqlalchemy import pool
 from sqlalchemy.ext import asyncio as sa_asyncio
 
 from orchestrator import errors
 from orchestrator.db import engine as db_engine
+
+if TYPE_CHECKING:
+    from alembic import config as alembic_config
+    from alembic import script as alembic_script
 
 #: orchestrator/alembic.ini (package data); its script_location points at MIGRATIONS_DIR.
 INI_PATH = Path(__file__).resolve().parent.parent / "alembic.ini"
@@ -32,6 +37,8 @@ class MigrationsError(errors.DatabaseVersionError):
 
 
 def alembic_cfg() -> alembic_config.Config:
+    from alembic import config as alembic_config
+
     cfg = alembic_config.Config(str(INI_PATH)) if INI_PATH.exists() else alembic_config.Config()
     # Set explicitly: correct even if the ini is missing or was read from another place.
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
@@ -56,6 +63,8 @@ def script_directory() -> alembic_script.ScriptDirectory:
     for needed in (MIGRATIONS_DIR / "env.py", MIGRATIONS_DIR / "versions"):
         if not needed.exists():
             raise _broken(f"the schema migrations are missing ({needed} not found)")
+    from alembic import script as alembic_script
+
     try:
         with warnings.catch_warnings():
             # Alembic only warns about a revision whose parent is missing; here it is an error.
@@ -72,6 +81,8 @@ def script_directory() -> alembic_script.ScriptDirectory:
 @functools.cache
 def head_revision() -> str:
     """The revision this program's schema is at."""
+    from alembic import util as alembic_util
+
     try:
         head = script_directory().get_current_head()
     except alembic_util.CommandError as exc:  # two heads
@@ -84,6 +95,8 @@ def head_revision() -> str:
 
 
 def _known_revision(revision: str) -> bool:
+    from alembic import util as alembic_util
+
     scripts = script_directory()
     try:
         return scripts.get_revision(revision) is not None
@@ -93,6 +106,8 @@ def _known_revision(revision: str) -> bool:
 
 async def upgrade(url: str, password: str | None = None, *, revision: str = "head") -> None:
     """Bring the database at `url` up to `revision`, in one transaction."""
+    from sqlalchemy import pool
+
     head_revision()  # a missing or broken set of migrations fails here, on one line
     engine = db_engine.create_engine(url, password=password, poolclass=pool.NullPool)
     try:
@@ -103,6 +118,9 @@ async def upgrade(url: str, password: str | None = None, *, revision: str = "hea
 
 
 def _run_upgrade(connection: sa.Connection, revision: str) -> None:
+    from alembic import command
+    from alembic import util as alembic_util
+
     cfg = alembic_cfg()
     cfg.attributes["connection"] = connection
     try:
@@ -148,5 +166,39 @@ def check_revision(revision: str | None) -> None:
     )
 
 
-async def check(engine: sa_asyncio.AsyncEngine) -> None:
-    check_revision(await current_revision(engine))
+_REVISION_RE = re.compile(r"^revision(?:\s*:[^=]+)?\s*=\s*['\"]([^'\"]+)['\"]", re.M)
+_DOWN_RE = re.compile(r"^down_revision(?:\s*:[^=]+)?\s*=\s*(None|['\"]([^'\"]+)['\"])\s*$", re.M)
+
+
+def head_from_text() -> str | None:
+    """The head revision read from the scripts' text, without Alembic: None unless every
+    script names one revision and one parent (or none) and they form a single chain."""
+    if not (MIGRATIONS_DIR / "env.py").is_file():
+        return None
+    parents: dict[str, str | None] = {}
+    try:
+        for script in (MIGRATIONS_DIR / "versions").glob("*.py"):
+            text = script.read_text(encoding="utf-8")
+            revs, downs = _REVISION_RE.findall(text), _DOWN_RE.findall(text)
+            if len(revs) != 1 or len(downs) != 1 or revs[0] in parents:
+                return None
+            parents[revs[0]] = downs[0][1] or None
+    except (OSError, UnicodeDecodeError):
+        return None
+    roots = [r for r, p in parents.items() if p is None]
+    heads = set(parents) - {p for p in parents.values() if p is not None}
+    if len(roots) != 1 or len(heads) != 1 or any(
+            p is not None and p not in parents for p in parents.values()):
+        return None
+    return heads.pop()
+
+
+async def check(engine: sa_asyncio.AsyncEngine, *, quick: bool = False) -> None:
+    """Raise errors.DatabaseVersionError unless the database is at this program's head.
+    `quick`: a database at the head that the scripts' text names is accepted without loading
+    Alembic; anything else (another revision, scripts that do not read as one chain) gets the
+    full check and its message."""
+    revision = await current_revision(engine)
+    if quick and revision is not None and revision == head_from_text():
+        return
+    check_revision(revision)

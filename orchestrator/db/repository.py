@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy.ext import asyncio as sa_asyncio
 
 from orchestrator import errors, jobs, lifecycle
-from orchestrator.db import claims, migrate, queries, transitions
+from orchestrator.db import claims, queries, transitions
 from orchestrator.db import dialect as db_dialect
 from orchestrator.db import engine as db_engine
 
@@ -50,9 +50,12 @@ class Repository:
     async def close(self) -> None:
         await self._engine.dispose()
 
-    async def check_schema(self) -> None:
-        """Raise errors.DatabaseVersionError unless the database is at this program's head."""
-        await migrate.check(self._engine)
+    async def check_schema(self, *, quick: bool = False) -> None:
+        """Raise errors.DatabaseVersionError unless the database is at this program's head
+        (`quick`: see `migrate.check`; for the commands that only read and write rows)."""
+        from orchestrator.db import migrate  # Alembic: only when the schema is checked
+
+        await migrate.check(self._engine, quick=quick)
 
     @property
     def read_engine(self) -> sa_asyncio.AsyncEngine:
