@@ -19,17 +19,22 @@ from orchestrator.storage import blob
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Shared:
-    """What the daemon gives every backend: one HTTP session and one blob store for all."""
+    """What the daemon gives every backend: one HTTP session, and one blob store and one
+    storage credential for all that need them."""
 
     settings: config.Settings
     session: aiohttp.ClientSession
-    blobs: blob.BlobStore
+    #: The classic BES blob store (connection string): None when no service is of kind "bes".
+    blobs: blob.BlobStore | None = None
+    #: `[storage.credential]` when `[storage]` has account_url (batch endpoints only).
+    storage_credential: Any = None
     #: Subscription id -> its ARM read budget, shared by every batch endpoint polled through it.
     arm_budgets: dict[str, batch_budget.ReadBudget] = dataclasses.field(default_factory=dict)
 
 
 def _bes(service: Any, shared: Shared) -> base.Backend:
     assert isinstance(service, config.BesService)
+    assert shared.blobs is not None, "open_context builds the blob store when a BES service exists"
     return bes_backend.BesBackend(service, shared.session, shared.blobs)
 
 
@@ -52,7 +57,8 @@ def _batch_endpoint(service: Any, shared: Shared) -> base.Backend:
         batch_budget.ReadBudget(service.arm_reads_per_s))
     return batch_backend.BatchEndpointBackend(
         service, session=shared.session, storage=shared.settings.storage,
-        credential=identity.build(service.credential), budget=budget)
+        credential=identity.build(service.credential), budget=budget,
+        storage_credential=shared.storage_credential)
 
 
 #: kind -> constructor. A new backend adds one line here.
@@ -67,6 +73,21 @@ def kind_of(service: object) -> str:
     kind = getattr(service, "kind", base.DEFAULT_KIND)
     assert isinstance(kind, str)
     return kind
+
+
+def needs_blob_store(settings: config.Settings) -> bool:
+    """The classic BES backend references its blobs through the daemon's blob store (a key or
+    SAS); the other kinds do not use it."""
+    return any(kind_of(svc) == "bes" for svc in settings.services.values())
+
+
+def storage_credential(settings: config.Settings) -> Any:
+    """The Entra ID credential for `[storage]` (scope https://storage.azure.com/.default) when it
+    has account_url and a batch endpoint will use it; else None. The caller closes it."""
+    if settings.storage.account_url is None or not any(
+            kind_of(svc) == "batch_endpoint" for svc in settings.services.values()):
+        return None
+    return identity.build(settings.storage.credential)
 
 
 def build(service: Any, shared: Shared) -> base.Backend:

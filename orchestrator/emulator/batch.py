@@ -3,7 +3,8 @@ and the ARM plane, served by the same aiohttp app as BES (docs/emulator.md lists
 
 - `GET /msi/token`: App Service's managed-identity endpoint (`IDENTITY_ENDPOINT` /
   `IDENTITY_HEADER`), so azure-identity's own ManagedIdentityCredential gets tokens here.
-  Tokens are opaque random strings the emulator remembers with their audience and expiry.
+  Tokens are opaque random strings the emulator remembers with their audience and expiry;
+  those for `https://storage.azure.com` are unsigned JWTs, which Azurite's `--oauth basic` takes.
 - `POST /endpoints/{endpoint}/jobs`: the scoring URI. Needs an `https://ml.azure.com` token.
 - `/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.MachineLearningServices/
   workspaces/{ws}/...`: batchEndpoints, jobs (get, list by tag with nextLink, cancel),
@@ -18,6 +19,7 @@ OutputData says, refusing an existing blob), Finalizing, then Completed or Faile
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
 import dataclasses
@@ -40,6 +42,10 @@ from orchestrator.emulator import blobs, models
 from orchestrator.emulator import options as options_mod
 
 MSI_API_VERSION = "2019-08-01"
+#: Tokens for this resource are JWT-shaped, so Azurite (`--oauth basic`) takes them.
+STORAGE_AUDIENCE = "https://storage.azure.com"
+#: A tenant-shaped issuer: Azurite checks the `iss` prefix, not the tenant.
+_ISSUER = "https://sts.windows.net/00000000-0000-0000-0000-0000000e0e0e/"
 ML_AUDIENCES = ("https://ml.azure.com",)
 ARM_AUDIENCES = ("https://management.azure.com", "https://management.core.windows.net")
 PROVIDER = "Microsoft.MachineLearningServices"
@@ -161,6 +167,22 @@ class Bucket:
         return False, 0, max(1, math.ceil((1.0 - self.tokens) / limit.refill_per_s))
 
 
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _storage_jwt(resource: str, now: int, expires_at: int) -> str:
+    """An unsigned JWT (`alg: none`) for the storage audience: Azurite's basic OAuth reads its
+    `aud`, `iss`, `nbf`/`iat`/`exp` and does not check a signature. A random `jti` keeps each
+    token unique, and nothing in it is a secret of the emulator."""
+    header = {"typ": "JWT", "alg": "none"}
+    claims = {"aud": resource.rstrip("/"), "iss": _ISSUER, "iat": now, "nbf": now - 60,
+              "exp": expires_at, "oid": "00000000-0000-0000-0000-0000000e0e0e",
+              "jti": secrets.token_urlsafe(16)}
+    parts = (json.dumps(p, separators=(",", ":")).encode() for p in (header, claims))
+    return ".".join(_b64url(p) for p in parts) + "."
+
+
 def _iso(epoch: float) -> str:
     return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -233,6 +255,8 @@ class BatchEndpoints:
         self.read_buckets: dict[str, Bucket] = collections.defaultdict(Bucket)
         self.write_buckets: dict[str, Bucket] = collections.defaultdict(Bucket)
         self._seq = 0
+        #: Containers this emulator made sure exist (a workspace's datastore container does).
+        self._containers_ready: set[str] = set()
 
     @property
     def options(self) -> options_mod.EmulatorOptions:
@@ -340,8 +364,9 @@ class BatchEndpoints:
         now = time.time()
         if len(self.tokens) >= _TOKEN_CACHE_MAX:
             self.tokens = {k: t for k, t in self.tokens.items() if t.expires_at > now}
-        value = secrets.token_urlsafe(48)
         expires_at = int(now + opts.token_lifetime_s)
+        value = (_storage_jwt(resource, int(now), expires_at)
+                 if resource.rstrip("/") == STORAGE_AUDIENCE else secrets.token_urlsafe(48))
         self.tokens[value] = Token(audience=resource, expires_at=expires_at)
         self.counters["tokens_issued"] += 1
         self.tokens_by_audience[resource] += 1
@@ -730,6 +755,7 @@ class BatchEndpoints:
             raise BatchError(404, "UserError", f"Datastore {name} was not found in this "
                                                "workspace.")
         ws = self._workspace_path(request)
+        await self._ensure_container()
         return web.json_response({
             "id": f"{ws}/datastores/{name}", "name": name,
             "type": f"{PROVIDER}/workspaces/datastores",
@@ -741,6 +767,18 @@ class BatchEndpoints:
                 "serviceDataAccessAuthIdentity": "None", "tags": {},
             },
         }, headers=headers)
+
+    async def _ensure_container(self) -> None:
+        """A real workspace's datastore container exists before anyone resolves it: create the
+        emulated one on first use (once; a failure is left to the job that reads or writes)."""
+        opts = self.options
+        conn = opts.secret("be_storage_connection_string")
+        if not conn or opts.be_container in self._containers_ready:
+            return
+        with contextlib.suppress(blobs.ReferenceError_, blobs.StorageError):
+            ref = blobs.from_connection_string(conn, opts.be_container, "x")
+            await self.storage.ensure_container(ref)
+            self._containers_ready.add(opts.be_container)
 
     # -- the job runner ------------------------------------------------------------------------
 

@@ -276,6 +276,18 @@ class Storage:
         except azure_errors.AzureError as exc:
             raise StorageError(describe(exc, name=name, ref=ref, verb="write")) from None
 
+    async def ensure_container(self, ref: BlobRef) -> None:
+        """Create the reference's container unless it exists."""
+        self._client(ref)
+        key = (ref.account_url, ref.account_name, ref.account_key, ref.sas_token, ref.container)
+        try:
+            await self._containers[key].create_container()
+        except azure_errors.ResourceExistsError:
+            pass
+        except azure_errors.AzureError as exc:
+            raise StorageError(f"cannot create container {ref.container} at "
+                               f"{ref.account_url}: {type(exc).__name__}") from None
+
     @staticmethod
     async def _stage(client: azblob_aio.BlobClient, index: int, data: bytes) -> str:
         block_id = base64.b64encode(f"block-{index:08d}".encode()).decode()

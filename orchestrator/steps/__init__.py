@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import random
 from collections.abc import Mapping
+from typing import Any
 
 import aiohttp
 
@@ -59,7 +60,11 @@ class Context:
     settings: config.Settings
     #: Service name -> its backend: the only way a step reaches a remote service.
     backends: Mapping[str, base.Backend]
-    blobs: blob.BlobStore
+    #: The classic BES blob store: None when no service is of kind "bes" (a batch-endpoint-only
+    #: daemon may run with `[storage] account_url` and no key at all).
+    blobs: blob.BlobStore | None
+    #: `[storage.credential]`'s credential, shared by the batch endpoints (closed here).
+    storage_credential: Any = None
     #: Result references seen by the poll step, so download need not ask again. Never stored
     #: (they may carry SAS tokens, or an RRS answer): after a restart the download step asks
     #: the backend once more.
@@ -85,13 +90,18 @@ async def open_context(
 ) -> Context:
     """Build the adapters every step uses (one per external system); `close_context` ends them."""
     d = settings.daemon
-    blobs = blob.BlobStore(settings.storage, session)
-    await blobs.ensure_container()
-    shared = registry.Shared(settings=settings, session=session, blobs=blobs)
+    blobs: blob.BlobStore | None = None
+    if registry.needs_blob_store(settings):
+        blobs = blob.BlobStore(settings.storage, session)
+        await blobs.ensure_container()
+    credential = registry.storage_credential(settings)
+    shared = registry.Shared(settings=settings, session=session, blobs=blobs,
+                             storage_credential=credential)
     return Context(
         settings=settings,
         backends={name: registry.build(svc, shared) for name, svc in settings.services.items()},
         blobs=blobs,
+        storage_credential=credential,
         result_cache={},
         uploads=asyncio.Semaphore(d.uploads),
         downloads=asyncio.Semaphore(d.downloads),
@@ -102,4 +112,7 @@ async def open_context(
 async def close_context(ctx: Context) -> None:
     for backend in ctx.backends.values():
         await backend.close()
-    await ctx.blobs.close()
+    if ctx.blobs is not None:
+        await ctx.blobs.close()
+    if ctx.storage_credential is not None:
+        await ctx.storage_credential.close()

@@ -83,13 +83,18 @@ class BatchEndpointBackend:
         credential: Any,
         budget: budget_mod.ReadBudget,
         owns_credential: bool = True,
+        storage_credential: Any = None,
     ) -> None:
+        """`credential` gets the ML and ARM tokens (closed here when `owns_credential`);
+        `storage_credential`, from `[storage.credential]`, the datastore's when `[storage]` has
+        `account_url`: the caller builds it once for every backend and closes it."""
         self.name = service.name
         self.service = service
         self.storage = storage
         self.session = session
         self.credential = credential
         self._owns_credential = owns_credential
+        self.storage_credential = storage_credential
         ext = PurePosixPath(service.output_file).suffix.lower() or ".csv"
         self.outputs: Mapping[str, str] = {service.output_name: ext}
         self.budget = budget
@@ -136,9 +141,13 @@ class BatchEndpointBackend:
         retry = azblob_aio.ExponentialRetry(initial_backoff=1, increment_base=2,
                                             retry_total=blob.SDK_RETRY_TOTAL)
         if self.storage.account_url is not None:
+            # Entra ID (scope https://storage.azure.com/.default): no account key at all.
+            if self.storage_credential is None:
+                raise errors.ConfigError("storage.credential",
+                                         "no credential was built for account_url")
             return azblob_aio.BlobServiceClient(
-                self.storage.account_url, credential=self.credential, transport=transport,
-                retry_policy=retry)
+                self.storage.account_url, credential=self.storage_credential,
+                transport=transport, retry_policy=retry)
         return azblob_aio.BlobServiceClient.from_connection_string(
             self.storage.connection_string.get(), transport=transport, retry_policy=retry)
 
