@@ -77,8 +77,15 @@ def kind_of(service: object) -> str:
 
 def needs_blob_store(settings: config.Settings) -> bool:
     """The classic BES backend references its blobs through the daemon's blob store (a key or
-    SAS); the other kinds do not use it."""
-    return any(kind_of(svc) == "bes" for svc in settings.services.values())
+    SAS); the other kinds do not use it. BES with keyless storage is a config error: the
+    service is handed a key or SAS for every blob, which Entra ID cannot give."""
+    bes = [name for name, svc in settings.services.items() if kind_of(svc) == "bes"]
+    if bes and settings.storage.account_url is not None:
+        raise errors.ConfigError(
+            "storage.account_url", f"services.{bes[0]} is a classic BES service, which needs "
+            "a storage connection string (it is handed a key or SAS per blob); account_url "
+            "with Entra ID serves batch endpoints only")
+    return bool(bes)
 
 
 def storage_credential(settings: config.Settings) -> Any:
