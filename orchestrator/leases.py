@@ -12,7 +12,7 @@ but it does not hold.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Collection
 
 from orchestrator import clock, config, held, jobs, logs, metrics
 from orchestrator.db import repository
@@ -117,7 +117,7 @@ class Leases:
             # an orphan even if the snapshot the query read still shows it leased.
             seen = self._held.ids()
             with self._held.watching_forgets() as forgotten:
-                leased: list[jobs.Job] = await leased_by(self.worker_id)
+                leased: list[jobs.Job] = await self._leased_not_held(seen, leased_by)
             for job in leased:
                 if job.id not in seen and job.id not in forgotten and job.id not in self._held:
                     log.warning("job_orphan_recovered", job_id=job.short_id,
@@ -125,3 +125,20 @@ class Leases:
                     orphans.append(job)
                     self._adopt(job, False)
         return orphans
+
+    async def _leased_not_held(
+        self, seen: Collection[str], leased_by: Callable[[str], Awaitable[list[jobs.Job]]]
+    ) -> list[jobs.Job]:
+        """The rows leased to this worker whose ids it did not hold at `seen`: the ids first
+        (one column), then the full rows of those alone. Reading every leased row as a record
+        blocked the loop ~1 s every 15 s with 10,000 jobs held (bench/inflight.py)."""
+        ids_of = getattr(self._repo, "leased_job_ids", None)
+        among = getattr(self._repo, "leased_jobs_among", None)
+        if ids_of is None or among is None:
+            return await leased_by(self.worker_id)
+        ids: set[str] = await ids_of(self.worker_id)
+        missing = sorted(ids.difference(seen))
+        if not missing:
+            return []
+        found: list[jobs.Job] = await among(self.worker_id, missing)
+        return found

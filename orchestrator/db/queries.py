@@ -4,6 +4,7 @@ check ask. They run in read-only transactions and never block a writer."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -88,6 +89,28 @@ async def leased_jobs(conn: sa_asyncio.AsyncConnection, worker_id: str) -> list[
     what it holds in memory)."""
     query = sa.select(_JOBS).where(_JOBS.c.state.in_(_ACTIVE), _JOBS.c.lease_owner == worker_id)
     return [rows.job(r._mapping) for r in await conn.execute(query)]
+
+
+async def leased_job_ids(conn: sa_asyncio.AsyncConnection, worker_id: str) -> set[str]:
+    """The ids of `leased_jobs`: one column, so a worker holding 10,000 jobs reads 10,000
+    short strings every self-check instead of building 10,000 records."""
+    query = sa.select(_JOBS.c.id).where(_JOBS.c.state.in_(_ACTIVE),
+                                        _JOBS.c.lease_owner == worker_id)
+    return set((await conn.execute(query)).scalars())
+
+
+async def leased_jobs_among(
+    conn: sa_asyncio.AsyncConnection, dialect: db_dialect.Dialect, worker_id: str,
+    ids: Sequence[str],
+) -> list[jobs.Job]:
+    """`leased_jobs`, only those with these ids."""
+    found: list[jobs.Job] = []
+    for start in range(0, len(ids), dialect.id_chunk):
+        query = sa.select(_JOBS).where(
+            dialect.id_in(_JOBS.c.id, ids[start:start + dialect.id_chunk]),
+            _JOBS.c.state.in_(_ACTIVE), _JOBS.c.lease_owner == worker_id)
+        found.extend(rows.job(r._mapping) for r in await conn.execute(query))
+    return found
 
 
 async def oldest_active(conn: sa_asyncio.AsyncConnection) -> jobs.Job | None:

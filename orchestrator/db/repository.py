@@ -221,6 +221,18 @@ class Repository:
         async with self._read() as conn:
             return await queries.leased_jobs(conn, worker_id)
 
+    async def leased_job_ids(self, worker_id: str) -> set[str]:
+        """The ids of `leased_jobs` (cheap enough to ask every self-check)."""
+        async with self._read() as conn:
+            return await queries.leased_job_ids(conn, worker_id)
+
+    async def leased_jobs_among(self, worker_id: str, ids: Sequence[str]) -> list[jobs.Job]:
+        """`leased_jobs`, only those with these ids."""
+        if not ids:
+            return []
+        async with self._read() as conn:
+            return await queries.leased_jobs_among(conn, self.dialect, worker_id, ids)
+
     async def history(self, *, limit: int = 1000) -> list[dict[str, Any]]:
         """Rows of the `job_history` view, newest first."""
         async with self._read() as conn:
