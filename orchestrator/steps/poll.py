@@ -4,7 +4,9 @@ job in its timer heap between polls, so a waiting job holds no slot and no corou
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
+import typing
 
 from orchestrator import backoff, clock, config, jobs, lifecycle, metrics, steps
 from orchestrator.backends import base
@@ -91,6 +93,13 @@ def decide(
     return steps.Wait(delay_s=delay, bes_status=report.status, poll_count=job.poll_count + 1)
 
 
+@functools.cache
+def _paced(kind: type) -> bool:
+    """Does this backend class pace its polls? (Asked once per class: an isinstance check
+    against a runtime-checkable protocol cost ~3 % of the daemon's CPU at 333 polls/s.)"""
+    return issubclass(kind, base.PacedPolls)
+
+
 async def run(job: jobs.Job, ctx: steps.Context) -> steps.StepResult:
     assert job.bes_job_id is not None
     service = ctx.service(job.service)
@@ -105,7 +114,7 @@ async def run(job: jobs.Job, ctx: steps.Context) -> steps.StepResult:
             ),
             fields={"bes_status": "Cancelled"},
         )
-    paced = backend if isinstance(backend, base.PacedPolls) else None
+    paced = typing.cast(base.PacedPolls, backend) if _paced(type(backend)) else None
     if paced is not None and (wait_s := paced.poll_wait_s(job)) > 0:
         # Not this job's read slot yet: wait for it without a call (and without a write).
         return steps.Wait(delay_s=wait_s, bes_status=job.bes_status or "",

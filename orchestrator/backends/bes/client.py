@@ -31,6 +31,10 @@ MAX_ERROR_BODY_BYTES = 64 * 1024
 CANNOT_START_JOB = "CannotStartJob"
 
 
+#: The query every call carries (read-only: aiohttp copies it into the URL).
+_API = {"api-version": API_VERSION}
+
+
 class StartConflict(errors.PermanentError):
     """`start` refused with CannotStartJob: the caller checks status (Running/Finished: started)."""
 
@@ -73,6 +77,11 @@ class BesClient:
             headers["Ocp-Apim-Subscription-Key"] = service.apim_key.get()
             self._secrets.append(service.apim_key.get())
         self._headers = headers
+        self._json_headers = {**headers, "Content-Type": "application/json"}
+        #: The metric children, looked up once per (operation, status class): `labels()` takes
+        #: a lock and builds a key on every call (measured on the 333 polls/s bench).
+        self._calls: dict[tuple[str, str], Any] = {}
+        self._seconds: dict[str, Any] = {}
 
     # ---- operations -------------------------------------------------------------------------
 
@@ -128,15 +137,13 @@ class BesClient:
                        params: dict[str, str] | None = None) -> Any:
         if self.gate is not None:
             await self.gate.wait()
-        headers = dict(self._headers)
-        if data is not None:
-            headers["Content-Type"] = "application/json"
+        headers = self._headers if data is None else self._json_headers
         status: int | None = None
         began = time.monotonic()
         try:
             async with self.session.request(
-                method, url, params={"api-version": API_VERSION, **(params or {})}, data=data,
-                headers=headers, timeout=self._timeout, allow_redirects=False,
+                method, url, params={"api-version": API_VERSION, **params} if params else _API,
+                data=data, headers=headers, timeout=self._timeout, allow_redirects=False,
             ) as resp:
                 status = resp.status
                 if 200 <= resp.status < 300:
@@ -163,9 +170,19 @@ class BesClient:
                 code="ConnectionError",
             ) from exc
         finally:
-            name = self.service.name
-            metrics.backend_calls.labels(name, op, metrics.status_class(status)).inc()
-            metrics.backend_call_seconds.labels(name, op).observe(time.monotonic() - began)
+            self._observe(op, status, time.monotonic() - began)
+
+    def _observe(self, op: str, status: int | None, seconds: float) -> None:
+        key = (op, metrics.status_class(status))
+        calls = self._calls.get(key)
+        if calls is None:
+            calls = self._calls[key] = metrics.backend_calls.labels(self.service.name, *key)
+        calls.inc()
+        latency = self._seconds.get(op)
+        if latency is None:
+            latency = self._seconds[op] = metrics.backend_call_seconds.labels(
+                self.service.name, op)
+        latency.observe(seconds)
 
     def _decode(self, op: str, status: int, body: bytes) -> Any:
         if len(body) > MAX_BODY_BYTES:
