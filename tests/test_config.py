@@ -405,8 +405,8 @@ def test_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_storage_with_entra_id(tmp_path: Path) -> None:
     url = "https://acct.blob.core.windows.net"
-    data = changed({"storage": {"account_url": url, "reference": "sas",
-                                "credential": {"type": "managed_identity"}}})
+    keyless = {"storage": {"account_url": url, "credential": {"type": "managed_identity"}}}
+    data = changed({**keyless, "services": {"be": batch_endpoint()}, "watch.0.service": "be"})
     s = parse(tmp_path, data)
     assert s.storage.account_url == url and s.storage.credential.type == "managed_identity"
     assert config.redacted(s)["storage"]["connection_string"] is None
@@ -417,10 +417,13 @@ def test_storage_with_entra_id(tmp_path: Path) -> None:
                          "or account_url")
     assert problem(tmp_path, changed({"storage.credential": {"type": "azure_cli"}})) == (
         "config error: storage.credential: is only used with account_url")
-    # BES is handed blobs by connection string or SAS: with Entra ID only SAS can work.
-    assert problem(tmp_path, changed({"storage": {"account_url": url}})) == (
-        'config error: storage.reference: must be "sas" with account_url: services.svc is a '
-        "BES service")
+    # BES is handed its blobs by a connection string or a SAS made with the account key: with
+    # Entra ID alone there is neither, whatever `reference` says.
+    for reference in ("connection_string", "sas"):
+        assert problem(tmp_path, changed({"storage": {"account_url": url,
+                                                      "reference": reference}})) == (
+            "config error: storage.account_url: services.svc is a classic BES service, which "
+            "needs a storage connection string (Entra ID storage is for batch endpoints)")
 
 
 def test_http_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

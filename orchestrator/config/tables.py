@@ -306,9 +306,11 @@ class Settings(core.Model):
                 if resolved == folder or resolved.is_relative_to(folder):
                     raise core.key_error(key, f"{d} is inside the watched folder {folder} "
                                           f"(watch[{i}]): its files would be taken as inputs")
-        if self.storage.account_url is not None and self.storage.reference == "connection_string":
+        if self.storage.account_url is not None:
             for n, s in self.services.items():
                 if s.kind == "bes":
-                    raise core.key_error("storage.reference", f'must be "sas" with account_url: '
-                                                          f"services.{n} is a BES service")
+                    raise core.key_error(
+                        "storage.account_url", f"services.{n} is a classic BES service, which "
+                        "needs a storage connection string (Entra ID storage is for batch "
+                        "endpoints)")
         return self
