@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import os
 import resource
@@ -59,8 +60,9 @@ async def build(db: Path, n: int) -> float:
     await migrate.upgrade(url)
     repo = await repository.Repository.open(url)
     try:
-        now = clock.now()
+        first_at = clock.now() - dt.timedelta(seconds=n / BATCH)
         for first in range(0, n, BATCH):
+            now = first_at + dt.timedelta(seconds=first / BATCH)  # one burst of files a second
             news = [jobs.NewJob(
                 id=f"{i:032x}", service="svc", watch=None, claim_key=f"queue:{i}",
                 source_path=f"/in/{i}.csv", input_name=f"{i}.csv", output_dir="/o",
