@@ -213,7 +213,9 @@ def test_jobs_list_piped_prints_every_value_in_full(tmp_path: Path) -> None:
         assert j["created_at"] in out  # `2026-11-30T16:…Z`, never `2026-11-30T1…`
     assert "…" not in out
     status = _cli(cfg, "status").stdout
-    assert "oldest in flight: 00000000" in status and "\n" not in status.split("oldest")[1][:-1]
+    # The oldest job's line is one line, whole (health lines follow it).
+    [oldest] = [ln for ln in status.splitlines() if ln.startswith("oldest in flight: ")]
+    assert oldest.startswith("oldest in flight: 00000000") and oldest.endswith(" s old)"), status
 
 
 def _failed_job(error: str | None, code: str | None) -> jobs.Job:
