@@ -566,7 +566,8 @@ def status(config_path: Path, as_json: bool) -> None:
     else:
         console.print("nothing in flight")
     if health.url is None:
-        console.print('daemon health: not served ([http] listen = "")')
+        console.print('daemon health: not served ([http] listen = "")', markup=False,
+                      highlight=False)
     for name, answer in (("live", health.live), ("ready", health.ready)):
         if answer is not None:
             console.print(f"{name}: {'yes' if answer.ok else 'NO'} ({answer.reason})",

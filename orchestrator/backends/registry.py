@@ -8,7 +8,7 @@ from typing import Any
 
 import aiohttp
 
-from orchestrator import config, errors, identity
+from orchestrator import config, errors
 from orchestrator.backends import base
 from orchestrator.backends.batch_endpoint import backend as batch_backend
 from orchestrator.backends.batch_endpoint import budget as batch_budget
@@ -43,6 +43,14 @@ def _rrs(service: Any, shared: Shared) -> base.Backend:
     return rrs_backend.RrsBackend(service, shared.session)
 
 
+def _credential(cred: config.CredentialConfig) -> Any:
+    # azure-identity (with msal and cryptography) is imported only by a daemon that has a
+    # batch endpoint: about 1.3 s of start-up a BES-only daemon does not pay.
+    from orchestrator import identity
+
+    return identity.build(cred)
+
+
 def subscription_of(workspace_id: str) -> str:
     """`/subscriptions/{sub}/resourceGroups/…` -> `sub` (ARM counts reads per subscription)."""
     parts = workspace_id.strip("/").split("/")
@@ -57,7 +65,7 @@ def _batch_endpoint(service: Any, shared: Shared) -> base.Backend:
         batch_budget.ReadBudget(service.arm_reads_per_s))
     return batch_backend.BatchEndpointBackend(
         service, session=shared.session, storage=shared.settings.storage,
-        credential=identity.build(service.credential), budget=budget,
+        credential=_credential(service.credential), budget=budget,
         storage_credential=shared.storage_credential)
 
 
@@ -94,7 +102,7 @@ def storage_credential(settings: config.Settings) -> Any:
     if settings.storage.account_url is None or not any(
             kind_of(svc) == "batch_endpoint" for svc in settings.services.values()):
         return None
-    return identity.build(settings.storage.credential)
+    return _credential(settings.storage.credential)
 
 
 def build(service: Any, shared: Shared) -> base.Backend:
