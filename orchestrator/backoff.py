@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import email.utils
 import random
+import time
 
 from orchestrator import config
 
@@ -45,3 +47,21 @@ def retry_delay_s(
 def retries_exhausted(policy: config.RetryPolicy, failures: int) -> bool:
     """Transient errors never fail a job unless a limit is configured."""
     return policy.max_attempts > 0 and failures >= policy.max_attempts
+
+
+def parse_retry_after(value: str | None, *, now_s: float | None = None) -> float | None:
+    """`Retry-After` in seconds: delta-seconds or an HTTP date; None when absent or unreadable.
+    (Every backend's HTTP answers and the storage account's use it.)"""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    now = time.time() if now_s is None else now_s
+    return max(0.0, when.timestamp() - now)

@@ -11,7 +11,6 @@ TransientError, anything else → PermanentError with the service's code and mes
 from __future__ import annotations
 
 import dataclasses
-import email.utils
 import json
 import time
 import urllib.parse
@@ -20,7 +19,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from orchestrator import errors, metrics, redact
+from orchestrator import backoff, errors, metrics, redact
 from orchestrator.backends.batch_endpoint import budget as budget_mod
 from orchestrator.backends.batch_endpoint import protocol
 
@@ -51,21 +50,6 @@ class Datastore:
     account_name: str
     container_name: str
     endpoint: str
-
-
-def parse_retry_after(value: str | None, *, now_s: float | None = None) -> float | None:
-    """`Retry-After` as seconds or an HTTP date; None when absent or unreadable."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now_s is None else now_s))
 
 
 class BatchEndpointClient:
@@ -250,7 +234,7 @@ class BatchEndpointClient:
     def _error(self, op: str, status: int, retry_after: str | None, text: str, arm: bool
                ) -> errors.OrchestratorError:
         code, message = protocol.parse_error(status, text)
-        retry_after_s = parse_retry_after(retry_after)
+        retry_after_s = backoff.parse_retry_after(retry_after)
         summary = f"HTTP {status} {code}: {message}"
         if status == 429 or (status == 403 and retry_after_s is not None):
             metrics.throttled.labels(self.service).inc()

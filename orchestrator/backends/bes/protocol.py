@@ -9,16 +9,14 @@ mistake would be dangerous (a job id that is not a plain token never reaches a U
 from __future__ import annotations
 
 import dataclasses
-import email.utils
 import enum
 import http
 import json
 import re
-import time
 from collections.abc import Mapping
 from typing import Any
 
-from orchestrator import errors
+from orchestrator import backoff, errors
 from orchestrator.storage import naming
 
 #: Statuses retried with backoff; every other 4xx fails the job: 400 (bad request), 401/403
@@ -288,18 +286,5 @@ def parse_error(status: int, text: str) -> tuple[str, str]:
     return code, _clean(message) or _phrase(status)
 
 
-def parse_retry_after(value: str | None, *, now_s: float | None = None) -> float | None:
-    """`Retry-After` in seconds: delta-seconds or an HTTP date; None when absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    now = time.time() if now_s is None else now_s
-    return max(0.0, when.timestamp() - now)
+#: Shared with the other backends (one parser for every service's `Retry-After`).
+parse_retry_after = backoff.parse_retry_after
