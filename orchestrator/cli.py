@@ -6,20 +6,24 @@ configuration or database version (systemd's RestartPreventExitStatus=78 stops a
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
 
 import click
 from rich.console import Console
 from rich.markup import escape
 
 from orchestrator import clock, config, errors, fsutil, jobs, lifecycle, logs
-from orchestrator.db import repository
+
+if TYPE_CHECKING:
+    # SQLAlchemy's asyncio extension and aiosqlite take ~0.3 s to import: the commands that
+    # only read a SQLite database (`status`, `jobs list|show`) never load them (see `reading`).
+    from orchestrator.db import reads as db_reads
+    from orchestrator.db import repository
 
 EX_CONFIG = 78
 T = TypeVar("T")
@@ -36,19 +40,28 @@ def fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
+@contextlib.contextmanager
+def failing_on_one_line() -> Iterator[None]:
+    """A command's expected errors as one line and its exit code."""
     try:
-        return asyncio.run(coro)
+        yield
     except errors.ConfigError as exc:
         fail(str(exc), EX_CONFIG)
     except errors.DatabaseVersionError as exc:
         fail(f"database error: {exc}", EX_CONFIG)
-    except repository.NotFound as exc:
+    except errors.NotFound as exc:
         fail(f"not found: {exc}")
-    except repository.InvalidState as exc:
+    except errors.InvalidState as exc:
         fail(str(exc))
     except (errors.OrchestratorError, OSError) as exc:
         fail(f"error: {exc}")
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    import asyncio  # ~40 ms: not for the commands that only read SQLite
+
+    with failing_on_one_line():
+        return asyncio.run(coro)
 
 
 def load_settings(path: Path, *, secrets: bool = True) -> config.Settings:
@@ -68,6 +81,13 @@ _SQLITE_SIDE_FILES = "-wal and -shm"
 
 def _sqlite_file(settings: config.Settings) -> Path | None:
     """The database file of a SQLite URL (None for PostgreSQL or in-memory)."""
+    from orchestrator.db import urls
+
+    database = urls.plain_sqlite_database(settings.database.url)
+    if database is not None:  # the usual form: no SQLAlchemy to import
+        if database in ("", ":memory:") or database.startswith("file:"):
+            return None
+        return Path(database)
     from orchestrator.db import engine as db_engine
 
     try:
@@ -110,8 +130,6 @@ def ensure_sqlite_folder(settings: config.Settings) -> None:
 
 def _database_error(settings: config.Settings, exc: Exception) -> errors.ConfigError:
     """A database that cannot be opened or read, as one line naming database.url."""
-    from orchestrator.db import engine as db_engine
-
     orig = getattr(exc, "orig", None) or exc
     text = " ".join(str(orig).split()) or type(orig).__name__
     path = _sqlite_file(settings)
@@ -119,7 +137,12 @@ def _database_error(settings: config.Settings, exc: Exception) -> errors.ConfigE
     if path is not None and ("readonly" in text or "unable to open" in text):
         hint = (f" (this user needs write access to {path} and to its folder, where SQLite "
                 f"keeps {_SQLITE_SIDE_FILES} files)")
-    where = path if path is not None else db_engine.safe_url(settings.database.url)
+    if path is not None:
+        where = str(path)
+    else:
+        from orchestrator.db import engine as db_engine
+
+        where = db_engine.safe_url(settings.database.url)
     return errors.ConfigError("database.url", f"cannot use the database at {where}: "
                                               f"{text}{hint}")
 
@@ -131,12 +154,12 @@ async def open_repo(
     created. Otherwise a SQLite folder or file this user cannot write is refused up front."""
     from sqlalchemy import exc as sa_exc
 
+    from orchestrator.db import repository
+
     path = _sqlite_file(settings)
     if path is not None:
-        if existing and not path.exists():
-            raise errors.ConfigError(
-                "database.url", f"no database at {path} (run `bes-orchestrator migrate` "
-                                "first, or check database.url)")
+        if existing:
+            _must_exist(path)
         problem = None if existing else _unwritable(path)
         if problem:
             raise errors.ConfigError("database.url", problem)
@@ -158,6 +181,41 @@ async def open_repo(
             await repo.close()
             raise
     return repo
+
+
+def _must_exist(path: Path) -> None:
+    if not path.exists():
+        raise errors.ConfigError(
+            "database.url", f"no database at {path} (run `bes-orchestrator migrate` "
+                            "first, or check database.url)")
+
+
+@contextlib.contextmanager
+def reading(settings: config.Settings) -> Iterator[db_reads.Reads]:
+    """The reads of the database-only commands, in one read transaction. A SQLite database is
+    read with the standard library's sqlite3 (SQLAlchemy is never imported: `status` answers
+    in about a tenth of a second); PostgreSQL through the repository. Either way the schema
+    must be at this program's head, and a database that does not exist is not created."""
+    path = _sqlite_file(settings)
+    if path is None:
+        from orchestrator.db import reads
+
+        with reads.through_repository(open_repo(settings, existing=True)) as found:
+            yield found
+        return
+    import sqlite3
+
+    from orchestrator.db import migrate, sqlite_reads
+
+    _must_exist(path)
+    try:
+        with sqlite_reads.reading(path) as found:
+            revision = found.revision()
+            if revision is None or revision != migrate.head_from_text():
+                migrate.check_revision(revision)  # loads Alembic: the full check and message
+            yield found
+    except sqlite3.Error as exc:
+        raise _database_error(settings, exc) from None
 
 
 async def with_repo(
@@ -464,8 +522,8 @@ def jobs_list(config_path: Path, as_json: bool, state: str | None, service: str 
     """The newest jobs."""
     settings = load_db_settings(config_path)
     st = lifecycle.JobState(state) if state else None
-    rows = run_async(with_repo(settings, lambda r: r.list_jobs(state=st, service=service,
-                                                               limit=limit), existing=True))
+    with failing_on_one_line(), reading(settings) as db:
+        rows = db.list_jobs(state=st, service=service, limit=limit)
     if as_json:
         click.echo(json.dumps([job_dict(j) for j in rows], indent=2))
         return
@@ -482,12 +540,9 @@ def jobs_list(config_path: Path, as_json: bool, state: str | None, service: str 
 def jobs_show(config_path: Path, as_json: bool, job_id: str) -> None:
     """One job and its events."""
     settings = load_db_settings(config_path)
-
-    async def go(r: repository.Repository) -> tuple[jobs.Job, list[jobs.JobEvent]]:
-        job = await r.get_job(job_id)
-        return job, await r.events(job.id)
-
-    job, events = run_async(with_repo(settings, go, existing=True))
+    with failing_on_one_line(), reading(settings) as db:
+        job = db.get_job(job_id)
+        events = db.events(job.id)
     evs = [{"at": clock.iso(e.at), "from": e.from_state.value if e.from_state else None,
             "to": e.to_state.value, "worker": e.worker, "message": e.message} for e in events]
     if as_json:
@@ -538,12 +593,11 @@ def status(config_path: Path, as_json: bool) -> None:
 
     from orchestrator.backends.batch_endpoint import status as be_status
 
-    async def go(r: repository.Repository) -> tuple[
-            dict[lifecycle.JobState, int], jobs.Job | None, list[be_status.PollInterval]]:
-        return (await r.count_by_state(), await r.oldest_active(),
-                await be_status.poll_intervals(settings, r.read_engine))
-
-    counts, oldest, polling = run_async(with_repo(settings, go, existing=True))
+    services = list(settings.services.values())
+    with failing_on_one_line(), reading(settings) as db:
+        counts, oldest = db.count_by_state(), db.oldest_active()
+        polling = (be_status.intervals(services, db.polling_counts())
+                   if be_status.any_batch_endpoint(services) else [])
     data = {
         "counts": {s.value: counts.get(s, 0) for s in lifecycle.JobState},
         "in_flight": sum(counts.get(s, 0) for s in lifecycle.ACTIVE_STATES),

@@ -20,6 +20,14 @@ class DatabaseVersionError(OrchestratorError):
     """The database schema is older or newer than this program."""
 
 
+class NotFound(OrchestratorError):
+    """No job with that id (or id prefix)."""
+
+
+class InvalidState(OrchestratorError):
+    """The job is not in a state that allows the requested action."""
+
+
 class TransientError(OrchestratorError):
     """Worth retrying with backoff: timeouts, 5xx, dropped connections, storage hiccups."""
 

@@ -7,7 +7,7 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import TypedDict
 
-from orchestrator import lifecycle
+from orchestrator import errors, lifecycle
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -167,3 +167,30 @@ def fresh_run(job: Job) -> Fields:
         "finished_at": None,
         "deadline_at": None,
     }
+
+
+#: The shortest id prefix `jobs show|retry|cancel` accept.
+MIN_PREFIX = 4
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
+def lookup_key(id_or_prefix: str) -> str:
+    """A person's job id or id prefix, normalised; raise NotFound for one that cannot name a job.
+    Pure: every reader (SQLAlchemy's, the CLI's sqlite3) resolves ids by this rule."""
+    key = id_or_prefix.strip().lower()
+    if len(key) < MIN_PREFIX or not set(key) <= _HEX_DIGITS:
+        raise errors.NotFound(
+            f"no job {id_or_prefix!r}: give the job id or at least {MIN_PREFIX} of its "
+            "leading hex digits"
+        )
+    return key
+
+
+def resolved(id_or_prefix: str, found: list[Job]) -> Job:
+    """The one job `found` for a lookup (at most two rows asked for); raise NotFound, or
+    InvalidState if a prefix is ambiguous."""
+    if not found:
+        raise errors.NotFound(f"no job {id_or_prefix!r}")
+    if len(found) > 1:
+        raise errors.InvalidState(f"job id prefix {id_or_prefix!r} is ambiguous: give more digits")
+    return found[0]

@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import pydantic
-import sqlalchemy.engine
-import sqlalchemy.exc
 
 from orchestrator import errors
 from orchestrator.config import core
 from orchestrator.config import services as kinds
+from orchestrator.db import urls
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///state.db"
 DEFAULT_CONTAINER = "bes-orchestrator"
@@ -100,6 +99,17 @@ _PASSWORD_PARAMS = ("password", "passwd", "pwd", "pass")
 
 
 def _database_url(value: str, info: pydantic.ValidationInfo) -> str:
+    database = urls.plain_sqlite_database(value)
+    if database is not None and value.startswith("sqlite+aiosqlite:"):
+        # The usual SQLite URL, without importing SQLAlchemy (the database-only commands).
+        db = Path(database)
+        base = core.base_path(info)
+        if database not in ("", ":memory:") and not db.is_absolute() and base is not None:
+            database = str((base / db).resolve())
+        return urls.render_sqlite(database)
+    import sqlalchemy.engine
+    import sqlalchemy.exc
+
     try:
         url = sqlalchemy.engine.make_url(value)
     except (sqlalchemy.exc.ArgumentError, ValueError):

@@ -1,9 +1,10 @@
 """Schema migrations (Alembic), driven from Python so `bes-orchestrator migrate` needs no
 alembic.ini in the working directory, and the schema check the daemon runs at start-up.
 
-Alembic (with Mako and Pygments) is imported only by the functions that need it: the database-
-only commands (`status`, `jobs`) use `check(engine, quick=True)`, which reads the revision
-chain from the scripts' text and loads Alembic only when that does not settle it."""
+Alembic (with Mako and Pygments) and SQLAlchemy are imported only by the functions that need
+them: the database-only commands (`status`, `jobs`) compare the database's revision with
+`head_from_text()`, the revision chain read from the scripts' text, and load Alembic only when
+that does not settle it."""
 
 from __future__ import annotations
 
@@ -13,15 +14,13 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import sqlalchemy as sa
-from sqlalchemy.ext import asyncio as sa_asyncio
-
 from orchestrator import errors
-from orchestrator.db import engine as db_engine
 
 if TYPE_CHECKING:
+    import sqlalchemy as sa
     from alembic import config as alembic_config
     from alembic import script as alembic_script
+    from sqlalchemy.ext import asyncio as sa_asyncio
 
 #: orchestrator/alembic.ini (package data); its script_location points at MIGRATIONS_DIR.
 INI_PATH = Path(__file__).resolve().parent.parent / "alembic.ini"
@@ -108,6 +107,8 @@ async def upgrade(url: str, password: str | None = None, *, revision: str = "hea
     """Bring the database at `url` up to `revision`, in one transaction."""
     from sqlalchemy import pool
 
+    from orchestrator.db import engine as db_engine
+
     head_revision()  # a missing or broken set of migrations fails here, on one line
     engine = db_engine.create_engine(url, password=password, poolclass=pool.NullPool)
     try:
@@ -135,6 +136,10 @@ def _run_upgrade(connection: sa.Connection, revision: str) -> None:
 
 async def current_revision(engine: sa_asyncio.AsyncEngine) -> str | None:
     """The revision stamped in the database; None if it was never migrated."""
+    import sqlalchemy as sa
+
+    from orchestrator.db import engine as db_engine
+
     async with engine.connect() as conn:
         conn = await conn.execution_options(**{db_engine.READ_ONLY: True})
         has_table = await conn.run_sync(

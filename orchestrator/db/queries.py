@@ -3,7 +3,6 @@ check ask. They run in read-only transactions and never block a writer."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,16 +16,10 @@ from orchestrator.db import rows, tables
 _JOBS = tables.jobs
 _EVENTS = tables.job_events
 _ACTIVE = sorted(s.value for s in lifecycle.ACTIVE_STATES)
-MIN_PREFIX = 4
-_HEX = re.compile(r"^[0-9a-f]+$")
 
 
-class NotFound(errors.OrchestratorError):
-    """No job with that id (or id prefix)."""
-
-
-class InvalidState(errors.OrchestratorError):
-    """The job is not in a state that allows the requested action."""
+NotFound = errors.NotFound
+InvalidState = errors.InvalidState
 
 
 async def resolve(
@@ -37,22 +30,13 @@ async def resolve(
 ) -> jobs.Job:
     """The job with this id or unique id prefix; locked for the transaction with `lock_with`.
     Raise NotFound, or InvalidState if a prefix is ambiguous."""
-    key = id_or_prefix.strip().lower()
-    if len(key) < MIN_PREFIX or not _HEX.match(key):
-        raise NotFound(
-            f"no job {id_or_prefix!r}: give the job id or at least {MIN_PREFIX} of its "
-            "leading hex digits"
-        )
+    key = jobs.lookup_key(id_or_prefix)
     where = _JOBS.c.id == key if len(key) >= 32 else _JOBS.c.id.like(f"{key}%")
     query = sa.select(_JOBS).where(where).limit(2)
     if lock_with is not None:
         query = lock_with.lock(query)
-    found = (await conn.execute(query)).all()
-    if not found:
-        raise NotFound(f"no job {id_or_prefix!r}")
-    if len(found) > 1:
-        raise InvalidState(f"job id prefix {id_or_prefix!r} is ambiguous: give more digits")
-    return rows.job(found[0]._mapping)
+    found = [rows.job(r._mapping) for r in await conn.execute(query)]
+    return jobs.resolved(id_or_prefix, found)
 
 
 async def list_jobs(
@@ -72,7 +56,7 @@ async def list_jobs(
 
 async def events(conn: sa_asyncio.AsyncConnection, job_id: str) -> list[jobs.JobEvent]:
     query = sa.select(_EVENTS).where(_EVENTS.c.job_id == job_id).order_by(_EVENTS.c.id)
-    return [rows.job_event(r) for r in await conn.execute(query)]
+    return [rows.job_event(r._mapping) for r in await conn.execute(query)]
 
 
 async def count_by_state(conn: sa_asyncio.AsyncConnection) -> dict[lifecycle.JobState, int]:

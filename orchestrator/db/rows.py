@@ -123,13 +123,14 @@ def event(
     }
 
 
-def job_event(r: Any) -> jobs.JobEvent:
+def job_event(m: Mapping[Any, Any]) -> jobs.JobEvent:
+    """A JobEvent from a job_events row."""
     return jobs.JobEvent(
-        id=r.id,
-        job_id=r.job_id,
-        at=r.at,
-        from_state=None if r.from_state is None else lifecycle.JobState(r.from_state),
-        to_state=lifecycle.JobState(r.to_state),
-        worker=r.worker,
-        message=r.message,
+        id=m["id"],
+        job_id=m["job_id"],
+        at=m["at"],
+        from_state=None if m["from_state"] is None else lifecycle.JobState(m["from_state"]),
+        to_state=lifecycle.JobState(m["to_state"]),
+        worker=m["worker"],
+        message=m["message"],
     )

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
-
-import sqlalchemy as sa
-from sqlalchemy.ext import asyncio as sa_asyncio
+from typing import TYPE_CHECKING
 
 from orchestrator import config, lifecycle
 from orchestrator.backends.batch_endpoint import budget as budget_mod
-from orchestrator.db import tables
+
+if TYPE_CHECKING:  # `status` reads SQLite without SQLAlchemy: imported where used
+    from sqlalchemy.ext import asyncio as sa_asyncio
 
 #: The states in which a job has a remote job being polled.
 POLLING_STATES = (lifecycle.JobState.SUBMITTED, lifecycle.JobState.STARTED)
@@ -70,12 +70,20 @@ def intervals(
 
 async def polling_counts(engine: sa_asyncio.AsyncEngine) -> dict[str, int]:
     """Service name -> its jobs in SUBMITTED or STARTED (read-only; the state index bounds it)."""
+    import sqlalchemy as sa
+
+    from orchestrator.db import tables
+
     jobs_t = tables.jobs
     query = (sa.select(jobs_t.c.service, sa.func.count())
              .where(jobs_t.c.state.in_([s.value for s in POLLING_STATES]))
              .group_by(jobs_t.c.service))
     async with engine.connect() as conn:
         return {str(r[0]): int(r[1]) for r in await conn.execute(query)}
+
+
+def any_batch_endpoint(services: Iterable[config.ServiceConfig]) -> bool:
+    return any(isinstance(s, config.BatchEndpointService) for s in services)
 
 
 def describe(row: PollInterval) -> str:
@@ -93,6 +101,6 @@ async def poll_intervals(
 ) -> list[PollInterval]:
     """`status`'s rows; no query when the config has no batch-endpoint service."""
     services = list(settings.services.values())
-    if not any(isinstance(s, config.BatchEndpointService) for s in services):
+    if not any_batch_endpoint(services):
         return []
     return intervals(services, await polling_counts(engine))
