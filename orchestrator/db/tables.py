@@ -136,6 +136,26 @@ sa.Index(
     postgresql_where=queue.c.job_id.is_(None),
 )
 
+# The claim loop's two reads (claims.claim_due): due jobs without a lease, and leases by expiry.
+# Partial, so a poll of a held job (a new next_run_at) touches neither; lease_owner is also a
+# column of the first so that SQLite, without statistics, prefers it to ix_jobs_lease_owner.
+# (On PostgreSQL migration 0004 also adds statistics on (state, lease_owner) for its planner.)
+sa.Index(
+    "ix_jobs_free_due",
+    jobs.c.state,
+    jobs.c.lease_owner,
+    jobs.c.next_run_at,
+    sqlite_where=jobs.c.lease_owner.is_(None),
+    postgresql_where=jobs.c.lease_owner.is_(None),
+)
+sa.Index(
+    "ix_jobs_lease_expiry",
+    jobs.c.state,
+    jobs.c.lease_expires_at,
+    sqlite_where=jobs.c.lease_expires_at.is_not(None),
+    postgresql_where=jobs.c.lease_expires_at.is_not(None),
+)
+
 workers = sa.Table(
     "workers",
     metadata,
