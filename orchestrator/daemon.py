@@ -123,7 +123,7 @@ class Daemon:
             return False, "intake is not up yet"
         try:
             async with asyncio.timeout(5):
-                await self.repo.check_schema()
+                await self.repo.check_schema(quick=True)
         except errors.DatabaseVersionError as exc:
             return False, f"database schema: {exc}"
         except Exception as exc:

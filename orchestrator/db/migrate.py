@@ -2,9 +2,9 @@
 alembic.ini in the working directory, and the schema check the daemon runs at start-up.
 
 Alembic (with Mako and Pygments) and SQLAlchemy are imported only by the functions that need
-them: the database-only commands (`status`, `jobs`) compare the database's revision with
-`head_from_text()`, the revision chain read from the scripts' text, and load Alembic only when
-that does not settle it."""
+them: the daemon and the commands compare the database's revision with `head_from_text()`, the
+revision chain read from the scripts' text, and load Alembic only when that does not settle it
+(another revision, or scripts that do not read as one chain); `migrate` loads every script."""
 
 from __future__ import annotations
 
