@@ -296,9 +296,11 @@ async def _daemon_phases(
 
 
 def bench_daemon(
-    root: Path, *, burst: int, trickle: int, rate_per_s: float, timeout_s: float
+    root: Path, *, burst: int, trickle: int, rate_per_s: float, timeout_s: float,
+    profile: Path | None = None,
 ) -> dict[str, object]:
-    """The whole daemon (`run`) with settle_s 0, against Azurite and a zero-time emulator."""
+    """The whole daemon (`run`) with settle_s 0, against Azurite and a zero-time emulator.
+    `profile`: py-spy samples the daemon over both phases (GIL holders only)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import common
 
@@ -320,8 +322,15 @@ def bench_daemon(
                     raise RuntimeError(f"the daemon did not claim a file: {log.read_text()}")
                 time.sleep(0.05)
             time.sleep(1.0)
-            return asyncio.run(_daemon_phases(setup.root, log, burst=burst, trickle=trickle,
-                                              rate_per_s=rate_per_s, timeout_s=timeout_s))
+            spy = (common.start_py_spy(proc.pid, profile, extra=["--gil"])
+                   if profile is not None else None)
+            try:
+                return asyncio.run(_daemon_phases(setup.root, log, burst=burst,
+                                                  trickle=trickle, rate_per_s=rate_per_s,
+                                                  timeout_s=timeout_s))
+            finally:
+                if spy is not None:
+                    common.stop_py_spy(spy)
         finally:
             common.stop_daemon(proc)
 
@@ -335,11 +344,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp dir)")
     ap.add_argument("--daemon", action="store_true",
                     help="measure the whole daemon process, not the watcher alone")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="with --daemon: py-spy output (.txt: collapsed) of the phases")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-intake-", dir=args.dir) as root:
         if args.daemon:
             print(json.dumps(bench_daemon(Path(root), burst=args.burst, trickle=args.trickle,
-                                          rate_per_s=args.rate, timeout_s=args.timeout)))
+                                          rate_per_s=args.rate, timeout_s=args.timeout,
+                                          profile=args.profile)))
             return
         result = asyncio.run(bench_watcher(Path(root), burst=args.burst, trickle=args.trickle,
                                            rate_per_s=args.rate, timeout_s=args.timeout))
