@@ -2,9 +2,10 @@
 job this worker leases is being moved on.
 
 The claim loop takes due jobs (and queue rows) up to `daemon.max_jobs_held` every
-CLAIM_INTERVAL_S, or at once when a held job ends. The heartbeat renews every lease of this
-worker in one statement every `heartbeat_s` (a monotonic interval) and runs the daemon's
-check (the database file is still the one it opened). The self-check, every SELF_CHECK_S,
+CLAIM_INTERVAL_S, or at once when a held job ends. The heartbeat, every `heartbeat_s` (a
+monotonic interval), renews in one statement the leases of this worker that come near expiry
+(claims.heartbeat says how near) and runs the daemon's check (the database file is still the
+one it opened). The self-check, every SELF_CHECK_S,
 schedules any held job tracked nowhere and adopts any job the database says this worker leases
 but it does not hold.
 """
@@ -89,7 +90,7 @@ class Leases:
                 self._check()
             try:
                 n = await self._repo.heartbeat(self.worker_id, now=clock.now(),
-                                               lease_s=d.lease_s)
+                                               lease_s=d.lease_s, heartbeat_s=d.heartbeat_s)
             except Exception as exc:
                 log.warning("heartbeat_failed", error=str(exc),
                             since_renewal_s=round(clock.monotonic() - self._renewed_at, 1))

@@ -1,5 +1,6 @@
-"""The claim loop's query against real databases (SQLite and PostgreSQL): claims read only the
-claimable jobs (free, or expired leases) through their indexes."""
+"""The claim loop's query and the heartbeat against real databases (SQLite and PostgreSQL):
+claims read only the claimable jobs (free, or expired leases) through their indexes, and the
+heartbeat renews only the leases near expiry while never letting a held one lapse."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from orchestrator import jobs, lifecycle
-from orchestrator.db import migrate, repository
+from orchestrator import clock, jobs, lifecycle
+from orchestrator.db import claims, migrate, repository
 from tests.test_repository import LEASE_S, T0, make_jobs, new_job, walk
 
 S = lifecycle.JobState
@@ -174,3 +175,89 @@ async def test_claim_queries_read_through_the_claim_indexes(
     free, expired = plans
     assert "ix_jobs_free_due" in free, free
     assert "ix_jobs_lease_expiry" in expired, expired
+
+
+# -- heartbeat ---------------------------------------------------------------------------------
+async def expiries(repo: repository.Repository, worker: str) -> dict[str, dt.datetime]:
+    found = {j.id: j.lease_expires_at for j in await repo.list_jobs(limit=1000)
+             if j.lease_owner == worker}
+    return {k: v for k, v in found.items() if v is not None}
+
+
+async def test_heartbeat_renews_only_the_leases_near_expiry(
+    repo: repository.Repository,
+) -> None:
+    """lease 60 s, heartbeat 10 s: a lease with less than 30 s left is renewed, one with more
+    is not written, nor is a longer lease shortened; the count is of the leases renewed."""
+    lease_s, beat_s = 60.0, 10.0
+    now = clock.now()
+    near = await repo.create_job(new_job("near"), worker_id="w1",
+                                 now=now - dt.timedelta(seconds=40), lease_s=lease_s)
+    far = await repo.create_job(new_job("far"), worker_id="w1",
+                                now=now - dt.timedelta(seconds=20), lease_s=lease_s)
+    longer = await repo.create_job(new_job("longer"), worker_id="w1", now=now, lease_s=600)
+    other = await repo.create_job(new_job("other"), worker_id="w2",
+                                  now=now - dt.timedelta(seconds=50), lease_s=lease_s)
+    assert near and far and longer and other
+    before = await expiries(repo, "w1")
+    assert await repo.heartbeat("w1", now=now, lease_s=lease_s, heartbeat_s=beat_s) == 1
+    after = await expiries(repo, "w1")
+    assert after[near.id] == now + dt.timedelta(seconds=lease_s)
+    assert after[far.id] == before[far.id] and after[longer.id] == before[longer.id]
+    assert (await repo.get_job(other.id)).lease_expires_at == other.lease_expires_at
+    # Without heartbeat_s, every lease is renewed (the old rule).
+    assert await repo.heartbeat("w1", now=now, lease_s=lease_s) == 3
+
+
+async def test_heartbeats_keep_every_lease_valid_writing_a_third(
+    repo: repository.Repository,
+) -> None:
+    """30 leases taken at staggered times, 30 heartbeats each a little late (10.5 s apart):
+    at every heartbeat each lease still has over two intervals left, after it at least
+    three, and each lease is written about every third beat, not every beat."""
+    lease_s, beat_s, n = 60.0, 10.0, 30
+    start = clock.now() + dt.timedelta(seconds=5)  # ahead of the database's clock
+    for i in range(n):
+        job = await repo.create_job(new_job(f"j{i}"), worker_id="w1",
+                                    now=start + dt.timedelta(seconds=i), lease_s=lease_s)
+        assert job is not None
+    renewed = []
+    hb = start + dt.timedelta(seconds=n)
+    for _ in range(30):
+        hb += dt.timedelta(seconds=10.5)
+        before = await expiries(repo, "w1")
+        assert len(before) == n
+        assert min(before.values()) - hb > dt.timedelta(seconds=2 * beat_s - 5)
+        near = {k for k, v in before.items() if v < hb + dt.timedelta(seconds=3 * beat_s)}
+        count = await repo.heartbeat("w1", now=hb, lease_s=lease_s, heartbeat_s=beat_s)
+        after = await expiries(repo, "w1")
+        assert count == len(near)
+        assert {k for k in after if after[k] != before[k]} == near
+        assert min(after.values()) - hb >= dt.timedelta(seconds=3 * beat_s)
+        renewed.append(count)
+    # Every lease renewed about once per 3 beats (every beat was 900 rows).
+    assert n * 30 / 4 < sum(renewed) < n * 30 / 2.5, renewed
+    # Nothing lapsed, so another worker takes nothing.
+    assert await repo.claim_due(worker_id="w2", now=hb, lease_s=lease_s, limit=100) == []
+
+
+async def test_a_host_whose_clock_trails_the_database_renews_early(
+    repo: repository.Repository,
+) -> None:
+    """The host's clock is 20 s behind the database's: a 60 s lease it wrote 25 s ago has 35 s
+    left by its clock (no renewal due: 30 s) but 15 s by the database's, which a takeover also
+    asks. Near expiry is counted by the later clock, so it is renewed."""
+    behind = clock.now() - dt.timedelta(seconds=20)
+    job = await repo.create_job(new_job("skewed"), worker_id="w1",
+                                now=behind - dt.timedelta(seconds=25), lease_s=60)
+    assert job is not None
+    assert await repo.heartbeat("w1", now=behind, lease_s=60, heartbeat_s=10) == 1
+    renewed = (await repo.get_job(job.id)).lease_expires_at
+    assert renewed == behind + dt.timedelta(seconds=60)
+
+
+def test_the_renewal_window() -> None:
+    assert claims.renew_within_s(lease_s=60, heartbeat_s=10) == 30
+    # A lease of three heartbeats or less: every lease at every beat, as before.
+    assert claims.renew_within_s(lease_s=30, heartbeat_s=10) == 30
+    assert claims.renew_within_s(lease_s=5, heartbeat_s=2) == 5

@@ -66,9 +66,9 @@ class Dialect:
         """Lock the rows read until commit (no-op where the whole database has one writer)."""
         return query
 
-    def owned_by(self, worker_id: str) -> sa.ColumnElement[bool]:
-        """The active jobs leased to `worker_id`."""
-        return sa.and_(_JOBS.c.lease_owner == worker_id, _JOBS.c.state.in_(_ACTIVE))
+    def owned_by(self, worker_id: str, *also: sa.ColumnElement[bool]) -> sa.ColumnElement[bool]:
+        """The active jobs leased to `worker_id` (and matching `also`)."""
+        return sa.and_(_JOBS.c.lease_owner == worker_id, _JOBS.c.state.in_(_ACTIVE), *also)
 
     def clock(self) -> sa.ColumnElement[Any]:
         """The database's own clock, as a value comparable with the stored times."""
@@ -170,9 +170,10 @@ class PostgreSQL(Dialect):
     def lock(self, query: sa.Select[Any], *, skip_locked: bool = False) -> sa.Select[Any]:
         return query.with_for_update(skip_locked=skip_locked)
 
-    def owned_by(self, worker_id: str) -> sa.ColumnElement[bool]:
-        """Locked in id order first, the order `transitions` locks them in."""
-        owned = super().owned_by(worker_id)
+    def owned_by(self, worker_id: str, *also: sa.ColumnElement[bool]) -> sa.ColumnElement[bool]:
+        """Locked in id order first, the order `transitions` locks them in (only the rows
+        matching `also` are locked)."""
+        owned = super().owned_by(worker_id, *also)
         locked = sa.select(_JOBS.c.id).where(owned).order_by(_JOBS.c.id).with_for_update()
         return _JOBS.c.id.in_(locked.scalar_subquery())
 

@@ -122,11 +122,15 @@ class Repository:
         async with self._read() as conn:
             return (await claims.db_now(conn, self.dialect) - now).total_seconds()
 
-    async def heartbeat(self, worker_id: str, *, now: dt.datetime, lease_s: float) -> int:
-        """Renew every lease this worker holds (one UPDATE) and its workers row."""
+    async def heartbeat(
+        self, worker_id: str, *, now: dt.datetime, lease_s: float,
+        heartbeat_s: float | None = None,
+    ) -> int:
+        """Renew this worker's leases (one UPDATE; with `heartbeat_s` only those near expiry,
+        see claims.heartbeat) and its workers row. Returns how many leases were renewed."""
         async with self._write() as conn:
             return await claims.heartbeat(conn, self.dialect, worker_id, now=now,
-                                          lease_s=lease_s)
+                                          lease_s=lease_s, heartbeat_s=heartbeat_s)
 
     async def release(self, worker_id: str, *, now: dt.datetime) -> int:
         """Graceful stop: free this worker's leases (attempts - 1, a clean stop is no crash)."""
