@@ -5,9 +5,8 @@ The claim loop takes due jobs (and queue rows) up to `daemon.max_jobs_held` ever
 CLAIM_INTERVAL_S, or at once when a held job ends. The heartbeat, every `heartbeat_s` (a
 monotonic interval), renews in one statement the leases of this worker that come near expiry
 (claims.heartbeat says how near) and runs the daemon's check (the database file is still the
-one it opened). The self-check, every SELF_CHECK_S,
-schedules any held job tracked nowhere and adopts any job the database says this worker leases
-but it does not hold.
+one it opened). The self-check, every SELF_CHECK_S, schedules any held job tracked nowhere
+and adopts any job the database says this worker leases but it does not hold.
 """
 
 from __future__ import annotations
