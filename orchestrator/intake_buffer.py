@@ -18,6 +18,8 @@ from orchestrator.db import repository
 from orchestrator.steps import intake
 
 CLAIM_BATCH = 500
+#: Jobs inserted but not yet handed to the worker, at most: a long stream of files still starts.
+ADOPT_AFTER = 5_000
 #: Failed inserts of one batch of files before they are left to the next rescan.
 MAX_INSERT_FAILURES = 6
 
@@ -131,6 +133,7 @@ class FileIntake:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            made_now: list[jobs.Job] = []
             while self._files:
                 batch = self._files[:CLAIM_BATCH]
                 watches = {w.name for w in self.settings.watches}
@@ -156,7 +159,17 @@ class FileIntake:
                     log.info("input_claimed", job_id=job.short_id, path=job.source_path,
                              service=job.service)
                     metrics.files_claimed.labels(job.service).inc()
-                    self._adopt(job)
+                made_now += made
+                if len(made_now) >= ADOPT_AFTER:
+                    self._adopt_all(made_now)
+                    made_now = []
+            # A burst is recorded whole before its jobs start: their steps would otherwise
+            # compete with the inserts of the burst's later files for the event loop.
+            self._adopt_all(made_now)
+
+    def _adopt_all(self, made: list[jobs.Job]) -> None:
+        for job in made:
+            self._adopt(job)
 
 
 def _raise_ended(task: asyncio.Task[None]) -> None:
