@@ -76,3 +76,27 @@ def test_redact_url_masks_password_in_userinfo() -> None:
 def test_redact_url_without_query_unchanged() -> None:
     url = "http://127.0.0.1:10000/devstoreaccount1/c/b.csv"
     assert redact.redact_url(url) == url
+
+
+def _every_pattern(text: str) -> str:
+    """The patterns applied with no shortcut: what `redact` must equal."""
+    for pattern in redact._PATTERNS:
+        text = pattern.sub(lambda m: m.group(1) + redact.MASK, text)
+    return text
+
+
+def test_the_quick_check_never_skips_a_secret_shaped_value() -> None:
+    # `redact` returns text without any trigger word unscanned; every spelling a pattern
+    # accepts (its case-insensitive flag included) must still be masked.
+    shapes = [
+        "?sv=1&sig=AbC%2Bd&se=2", "?SIG=AbCd", "&Sig=x1", "%26sig%3DAbCd%2B", "%26SIG%3dAbCd",
+        "AccountKey=abc/def==;", "ACCOUNTKEY=abc", "accountkey=abc", "SharedAccessSignature=sv=1",
+        "sharedaccesssignature=x", "Authorization: Bearer eyJ0.eyJ1.c2ln", "BEARER\tabc.def",
+        "bearer  abc", "Ocp-Apim-Subscription-Key: 0123456789", "OCP-APIM-SUBSCRIPTION-KEY='k1'",
+        'ocp-apim-subscription-key": "k2"', "design=fine", "a signature", "no secret here",
+        "claimed /in/f-000123.csv", "",
+    ]
+    for shape in shapes:
+        for text in (shape, f"before {shape} after", shape.upper(), shape.lower()):
+            assert redact.redact(text) == _every_pattern(text), text
+    assert redact.redact("x AccountKey=abc") == "x AccountKey=***"
