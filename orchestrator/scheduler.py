@@ -4,6 +4,12 @@ A waiting job is one heap entry, not a coroutine or a timer handle: one task (`r
 entries to a ready queue that the executors read with `next()`. Rescheduling a job bumps its
 generation, so an older heap entry for it is skipped instead of searched for and removed.
 A job is "scheduled" from `schedule()` until an executor takes it with `next()`.
+
+The timer wakes at most once per TICK_S: what falls due in between goes out together, up to
+TICK_S late. At 333 polls a second (10,000 jobs at a 30 s cap) each poll otherwise had a wake-up
+of its own, and its answer one more: an aiohttp GET issued on its own timer costs about 0.55 ms
+of CPU here, issued in 50 ms groups about 0.42 ms (`bench/poll_client.py --rate 333
+--window-ms 50`), because each turn of the event loop then handles many sockets at once.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ LAG_REPORT_S = 10.0
 MAX_LAG_SAMPLES = 100_000
 #: The timer sleeps at most this long with nothing due (wakes earlier on any new entry).
 IDLE_S = 3600.0
+#: The timer's shortest sleep between wake-ups: due jobs are picked up at most this late.
+TICK_S = 0.05
 
 log = logs.get("bes.worker")
 
@@ -83,12 +91,19 @@ class Scheduler:
                 due, _, job_id, gen = heapq.heappop(self._heap)
                 if self._gen.get(job_id) == gen:
                     self._ready.put_nowait((job_id, gen, due))
+            woke = now
             timeout = min(IDLE_S, self._heap[0][0] - now) if self._heap else IDLE_S
-            self._changed.clear()
-            # asyncio.timeout, not wait_for: no new task per wake-up (one per due poll).
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._changed.wait()
+            while True:
+                self._changed.clear()
+                # asyncio.timeout, not wait_for: no new task per wake-up (one per due poll).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await self._changed.wait()
+                # An earlier entry (set by `schedule`) wakes the timer, but not sooner than
+                # TICK_S after its last wake-up.
+                timeout = woke + TICK_S - clock.monotonic()
+                if timeout <= 0 or not self._heap:
+                    break
 
     def take_lags(self) -> list[float]:
         """The lateness samples since the last call, sorted."""
