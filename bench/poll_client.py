@@ -1,6 +1,7 @@
 """CPU per BES status call in the client alone, against a bare aiohttp GET loop.
 
     .venv/bin/python bench/poll_client.py [--calls 20000] [--concurrency 64] [--jobs 10000]
+    .venv/bin/python bench/poll_client.py --rate 333 --calls 6000
 
 A child process serves `GET …/jobs/{id}` with a fixed NotStarted status object (aiohttp, keep-
 alive). In this process, one event loop makes `--calls` calls at `--concurrency`, cycling over
@@ -8,6 +9,11 @@ alive). In this process, one event loop makes `--calls` calls at `--concurrency`
 `client` (`BesClient.status`: gate, URL, headers, timeout, metrics, parse) and `backend`
 (`BesBackend.status`: + the neutral report). CPU is this process's `time.process_time()`;
 the server's CPU is not counted. Prints one JSON line with µs of CPU per call for each.
+
+`--rate R` issues the calls at R per second instead, each on its own timer, as a daemon holding
+10,000 jobs polls them (333/s at a 30 s cap): the event loop then wakes for nearly every call
+instead of finding 64 answers ready at each wake-up, and the floor it measures is the one the
+daemon's CPU per poll can be held to (`inflight.py`).
 """
 
 from __future__ import annotations
@@ -87,6 +93,25 @@ async def measure(n: int, concurrency: int, call: Any, ids: list[Any]) -> float:
     return (time.process_time() - cpu) / n * 1e6
 
 
+async def measure_paced(n: int, rate: float, call: Any, ids: list[Any],
+                        window_s: float = 0.0) -> float:
+    """`window_s`: calls falling due within one window go out together at its start."""
+    loop = asyncio.get_running_loop()
+    tasks: list[asyncio.Task[Any]] = []
+    cpu = time.process_time()
+    began = loop.time()
+    for i in range(n):
+        due = i / rate
+        if window_s:
+            due -= due % window_s
+        delay = began + due - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(call(ids[i % len(ids)])))
+    await asyncio.gather(*tasks)
+    return (time.process_time() - cpu) / n * 1e6
+
+
 async def run(args: argparse.Namespace, port: int) -> dict[str, float]:
     base = f"http://127.0.0.1:{port}"
     os.environ["BES_POLL_CLIENT_KEY"] = "k" * 40
@@ -106,6 +131,13 @@ async def run(args: argparse.Namespace, port: int) -> dict[str, float]:
         backend = bes_backend.BesBackend(service, session, blobs=None)  # type: ignore[arg-type]
         ids = [f"{i:032x}" for i in range(args.jobs)]
         held = [job(i) for i in range(args.jobs)]
+        if args.rate:
+            await measure(min(args.calls, 2000), args.concurrency, bare, ids)  # warm-up
+            window = args.window_ms / 1000
+            out["paced_bare_us"] = await measure_paced(args.calls, args.rate, bare, ids, window)
+            out["paced_backend_us"] = await measure_paced(args.calls, args.rate, backend.status,
+                                                          held, window)
+            return {k: round(v, 1) for k, v in out.items()}
         for _ in range(args.rounds):
             out["bare_us"] = min(out.get("bare_us", 1e9),
                                  await measure(args.calls, args.concurrency, bare, ids))
@@ -122,6 +154,10 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--jobs", type=int, default=10_000)
     ap.add_argument("--rounds", type=int, default=3, help="best of this many")
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="calls per second, each on its own timer (default: as fast as it goes)")
+    ap.add_argument("--window-ms", type=float, default=0.0,
+                    help="with --rate: the calls due within each window go out together")
     args = ap.parse_args()
     server = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
     try:
@@ -131,7 +167,8 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait()
-    print(json.dumps({"bench": "poll_client", "calls": args.calls,
+    print(json.dumps({"bench": "poll_client", "calls": args.calls, "rate": args.rate,
+                      "window_ms": args.window_ms,
                       "load_1m": round(os.getloadavg()[0], 2), **result}))
 
 
