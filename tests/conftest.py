@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 
 from orchestrator import azurite as azurite_mod
+from orchestrator.db import migrate, repository
 
 #: The PostgreSQL server CI starts (trust auth). Override with BES_TEST_PG.
 PG_ADMIN_DSN = os.environ.get("BES_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -57,3 +58,17 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         yield _pg_url(name)
     finally:
         await _drop_pg_database(name)
+
+
+@pytest.fixture
+async def repo(database_url: str) -> AsyncIterator[repository.Repository]:
+    """A repository on a freshly migrated database (each backend of `database_url`)."""
+    await migrate.upgrade(database_url)
+    r = await repository.Repository.open(database_url)
+    await r.check_schema()
+    try:
+        yield r
+    finally:
+        await r.close()
+
+

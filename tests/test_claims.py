@@ -6,30 +6,18 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
 
 from orchestrator import clock, jobs, lifecycle
-from orchestrator.db import claims, migrate, repository
+from orchestrator.db import claims, repository
 from tests.test_repository import LEASE_S, T0, make_jobs, new_job, walk
 
 S = lifecycle.JobState
 LONG_S = 10_000.0
-
-
-@pytest.fixture
-async def repo(database_url: str) -> AsyncIterator[repository.Repository]:
-    await migrate.upgrade(database_url)
-    r = await repository.Repository.open(database_url)
-    await r.check_schema()
-    try:
-        yield r
-    finally:
-        await r.close()
 
 
 async def job_due_at(

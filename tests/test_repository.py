@@ -21,24 +21,13 @@ import sqlalchemy as sa
 from orchestrator import azurite as azurite_mod
 from orchestrator import clock, errors, jobs, lifecycle
 from orchestrator.db import engine as db_engine
-from orchestrator.db import migrate, repository
+from orchestrator.db import repository
 from tests import harness
 from tests import test_crash as crash
 
 S = lifecycle.JobState
 T0 = dt.datetime(2026, 11, 27, 20, 45, 55, 123456, tzinfo=dt.UTC)
 LEASE_S = 30.0
-
-
-@pytest.fixture
-async def repo(database_url: str) -> AsyncIterator[repository.Repository]:
-    await migrate.upgrade(database_url)
-    r = await repository.Repository.open(database_url)
-    await r.check_schema()
-    try:
-        yield r
-    finally:
-        await r.close()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import asyncio
 import datetime as dt
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import cast
 
@@ -24,16 +23,6 @@ S = lifecycle.JobState
 T0 = dt.datetime(2026, 11, 27, 20, 45, 55, tzinfo=dt.UTC)
 #: A lone write is committed within a batch window; this bounds "not blocked".
 PROMPT_S = 5.0
-
-
-@pytest.fixture
-async def repo(database_url: str) -> AsyncIterator[repository.Repository]:
-    await migrate.upgrade(database_url)
-    r = await repository.Repository.open(database_url)
-    try:
-        yield r
-    finally:
-        await r.close()
 
 
 async def claimed(repo: repository.Repository, n: int) -> list[jobs.Job]:

@@ -6,6 +6,7 @@ compares them).
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
@@ -128,33 +129,26 @@ queue = sa.Table(
     # No ON DELETE action: a queue row whose job vanished must not look unclaimed again.
     sa.Column("job_id", sa.String(32), sa.ForeignKey("jobs.id"), nullable=True),
 )
+
+
+def _partial_index(
+    name: str, *columns: sa.Column[Any], where: sa.ColumnElement[bool]
+) -> sa.Index:
+    """An index of the rows where `where` holds, on both dialects."""
+    return sa.Index(name, *columns, sqlite_where=where, postgresql_where=where)
+
+
 # Only the unclaimed rows are ever scanned: a partial index keeps that cheap forever.
-sa.Index(
-    "ix_queue_unclaimed",
-    queue.c.id,
-    sqlite_where=queue.c.job_id.is_(None),
-    postgresql_where=queue.c.job_id.is_(None),
-)
+_partial_index("ix_queue_unclaimed", queue.c.id, where=queue.c.job_id.is_(None))
 
 # The claim loop's two reads (claims.claim_due): due jobs without a lease, and leases by expiry.
 # Partial, so a poll of a held job (a new next_run_at) touches neither; lease_owner is also a
 # column of the first so that SQLite, without statistics, prefers it to ix_jobs_lease_owner.
 # (On PostgreSQL migration 0004 also adds statistics on (state, lease_owner) for its planner.)
-sa.Index(
-    "ix_jobs_free_due",
-    jobs.c.state,
-    jobs.c.lease_owner,
-    jobs.c.next_run_at,
-    sqlite_where=jobs.c.lease_owner.is_(None),
-    postgresql_where=jobs.c.lease_owner.is_(None),
-)
-sa.Index(
-    "ix_jobs_lease_expiry",
-    jobs.c.state,
-    jobs.c.lease_expires_at,
-    sqlite_where=jobs.c.lease_expires_at.is_not(None),
-    postgresql_where=jobs.c.lease_expires_at.is_not(None),
-)
+_partial_index("ix_jobs_free_due", jobs.c.state, jobs.c.lease_owner, jobs.c.next_run_at,
+               where=jobs.c.lease_owner.is_(None))
+_partial_index("ix_jobs_lease_expiry", jobs.c.state, jobs.c.lease_expires_at,
+               where=jobs.c.lease_expires_at.is_not(None))
 
 workers = sa.Table(
     "workers",
