@@ -196,7 +196,7 @@ def _must_exist(path: Path) -> None:
 def reading(settings: config.Settings) -> Iterator[db_reads.Reads]:
     """The reads of the database-only commands, in one read transaction. A SQLite database is
     read with the standard library's sqlite3 (SQLAlchemy is never imported: `status` answers
-    in about a tenth of a second); PostgreSQL through the repository. Either way the schema
+    in about a fifth of a second); PostgreSQL through the repository. Either way the schema
     must be at this program's head, and a database that does not exist is not created."""
     path = _sqlite_file(settings)
     if path is None:
