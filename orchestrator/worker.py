@@ -110,7 +110,7 @@ class Worker:
         self._ctx: steps.Context | None = None
         self._closed = False
         self.intake = intake_buffer.FileIntake(
-            settings, repo, self.worker_id, adopt=self._adopt, once=once)
+            settings, repo, self.worker_id, adopt=self._adopt_created, once=once)
         self.leases = leases.Leases(settings, repo, self.held, wake=self._claim_wake,
                                     adopt=lambda job, new: self._adopt(job, new=new),
                                     check=check)
@@ -187,6 +187,13 @@ class Worker:
             self.stats.orphans += 1
         elif new:
             self.stats.claimed += 1
+
+    def _adopt_created(self, job: jobs.Job) -> None:
+        """A job the intake just inserted. It hands a burst over once the whole burst is in, so
+        the self-check may have found and adopted the job meanwhile, and a step may have moved
+        it on: the copy already held is the newer one, never replaced by the inserted row."""
+        if job.id not in self.held:
+            self._adopt(job)
 
     def _drop(self, job_id: str) -> None:
         """The lease is gone: forget the job, never guess at it."""

@@ -304,6 +304,35 @@ async def test_a_stale_write_does_not_drop_a_job_another_step_advanced(
         await repo.close()
 
 
+async def test_the_intake_never_replaces_a_held_job_with_its_inserted_row(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The intake hands a burst to the worker once the burst is inserted; the self-check may
+    have adopted one of its jobs first and a step moved it on. The inserted (older) row must
+    not replace it: that would run the claim step again and drop the job on its lost guard."""
+    from orchestrator import jobs, worker
+
+    settings, repo = await _setup(tmp_path, monkeypatch)
+    try:
+        (job,) = await repo.create_jobs(
+            [jobs.NewJob(id="c" * 32, service="svc", watch=None, claim_key="k3",
+                         source_path="/x/c.csv", input_name="c.csv", output_dir="/o",
+                         archive_dir="/a", failed_dir="/f")],
+            worker_id="w-test", now=clock.now(), lease_s=30.0)
+        w = worker.Worker(settings, repo)
+        w.held.adopt(job)  # the self-check's adoption
+        advanced = dataclasses.replace(job, state=lifecycle.JobState.ACCEPTED)
+        w.held.update(advanced)  # its claim step ran
+        w.scheduler.cancel(job.id)  # waiting between steps (as the held copy is tracked)
+        w.scheduler.schedule(job.id, 60.0)
+        w._adopt_created(job)  # the intake's hand-over, with the row as inserted
+        held = w.held.get(job.id)
+        assert held is not None and held.state is lifecycle.JobState.ACCEPTED
+        assert w.stats.orphans == 0
+    finally:
+        await repo.close()
+
+
 def w_log() -> Any:
     from orchestrator import logs
 
