@@ -85,9 +85,7 @@ def _sqlite_file(settings: config.Settings) -> Path | None:
 
     database = urls.plain_sqlite_database(settings.database.url)
     if database is not None:  # the usual form: no SQLAlchemy to import
-        if database in ("", ":memory:") or database.startswith("file:"):
-            return None
-        return Path(database)
+        return urls.sqlite_file(database)
     from orchestrator.db import engine as db_engine
 
     try:

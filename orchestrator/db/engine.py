@@ -17,6 +17,8 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.ext import asyncio as sa_asyncio
 
+from orchestrator.db import urls
+
 #: Execution option marking a connection whose transactions only read (SQLite: plain BEGIN).
 READ_ONLY = "bes_read_only"
 
@@ -56,10 +58,7 @@ def safe_url(url: str | sa.URL) -> str:
 
 def sqlite_path(url: sa.URL) -> Path | None:
     """The database file of a SQLite URL; None for in-memory databases."""
-    database = url.database
-    if not database or database == ":memory:" or database.startswith("file:"):
-        return None
-    return Path(database)
+    return urls.sqlite_file(url.database or "")
 
 
 def _ensure_private_file(path: Path) -> None:

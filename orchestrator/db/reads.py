@@ -7,14 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Coroutine, Iterator
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol
 
 from orchestrator import jobs, lifecycle
 
 if TYPE_CHECKING:
     from orchestrator.db import repository
 
-T = TypeVar("T")
 
 
 class Reads(Protocol):

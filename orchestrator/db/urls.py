@@ -8,6 +8,7 @@ same answers."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from urllib.parse import quote, unquote
 
 SQLITE_SCHEMES = ("sqlite+aiosqlite", "sqlite", "sqlite+pysqlite")
@@ -25,3 +26,11 @@ def plain_sqlite_database(url: str) -> str | None:
 def render_sqlite(database: str) -> str:
     """`sqlite+aiosqlite:///<database>`, quoted as SQLAlchemy's `render_as_string` does."""
     return "sqlite+aiosqlite:///" + quote(database, safe=" +/")
+
+
+def sqlite_file(database: str) -> Path | None:
+    """The file a SQLite URL's database part names; None for an in-memory database (`""`,
+    `:memory:`) or a `file:` URI."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
